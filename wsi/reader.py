@@ -1,0 +1,238 @@
+"""``Slide``: one reader facade over openslide and tiffslide.
+
+The backend is chosen by argument (``auto`` tries openslide, then tiffslide), never by a
+module global. Metadata is read once and cached. Every read returns RGB uint8 with any
+alpha composited on white, and regions that run off the level are padded with white,
+so that both backends give the same pixels for the same request.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cached_property
+from pathlib import Path
+from types import TracebackType
+
+import cv2
+import numpy as np
+
+from wsi.backends import SlideBackend, open_backend
+from wsi.errors import InvalidParameter, SlideMissingMpp, SlideUnreadable
+
+#: Two mpp values closer than this (relative) are the same resolution: no resampling.
+MPP_TOLERANCE = 0.01
+
+WHITE = 255
+
+
+def composite_on_white(region: np.ndarray) -> np.ndarray:
+    """RGBA -> RGB over a white background; RGB passes through unchanged."""
+    if region.ndim != 3 or region.shape[2] not in (3, 4):
+        raise ValueError(f"expected an (h, w, 3|4) image, got shape {region.shape}")
+    if region.shape[2] == 3:
+        return np.ascontiguousarray(region)
+    rgb = region[..., :3].astype(np.uint16)
+    alpha = region[..., 3:4].astype(np.uint16)
+    if bool((alpha == 255).all()):
+        return np.ascontiguousarray(region[..., :3])
+    out = (rgb * alpha + WHITE * (255 - alpha) + 127) // 255
+    return out.astype(np.uint8)
+
+
+class Slide:
+    """A whole-slide image opened read-only.
+
+    ``slide_mpp`` overrides (or supplies) the level-0 microns per pixel for slides whose
+    metadata lacks it. Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        backend: str = "auto",
+        slide_mpp: float | None = None,
+    ) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise SlideUnreadable(f"no slide file at {str(self.path)!r}")
+        if slide_mpp is not None and not (0 < slide_mpp < 1000):
+            raise InvalidParameter(f"slide_mpp must be in (0, 1000) µm/px, got {slide_mpp}")
+        self._backend: SlideBackend = open_backend(self.path, backend)
+        self._mpp_override = slide_mpp
+        if not self._backend.level_dimensions or min(self._backend.level_dimensions[0]) < 1:
+            raise SlideUnreadable(f"{self.path.name!r} has no image levels")
+
+    # -- metadata -----------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        return self._backend.name
+
+    @cached_property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 (width, height) in pixels."""
+        w, h = self._backend.level_dimensions[0]
+        return int(w), int(h)
+
+    @cached_property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return tuple((int(w), int(h)) for w, h in self._backend.level_dimensions)
+
+    @cached_property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self._backend.level_downsamples
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    @property
+    def vendor(self) -> str:
+        return self._backend.vendor
+
+    @property
+    def properties(self) -> dict[str, str]:
+        return dict(self._backend.properties)
+
+    @property
+    def has_mpp(self) -> bool:
+        return self._mpp_override is not None or self._backend.mpp is not None
+
+    @cached_property
+    def mpp(self) -> float:
+        """Level-0 microns per pixel (the override wins over the file's metadata)."""
+        if self._mpp_override is not None:
+            return float(self._mpp_override)
+        if self._backend.mpp is None:
+            raise SlideMissingMpp(
+                f"{self.path.name!r} declares no microns-per-pixel; pass slide_mpp "
+                "(CLI: --slide-mpp) with the scanner's resolution"
+            )
+        return float(self._backend.mpp)
+
+    def level_mpp(self, level: int) -> float:
+        return self.mpp * self.level_downsamples[level]
+
+    def best_level_for_mpp(self, target_mpp: float) -> int:
+        """The level to read ``target_mpp`` from.
+
+        A level within 1% of the target is read as is; otherwise the nearest finer level
+        (largest mpp below the target), which is then resampled down. A target finer
+        than level 0 reads level 0.
+        """
+        if not (target_mpp > 0 and math.isfinite(target_mpp)):
+            raise InvalidParameter(f"target_mpp must be a positive number, got {target_mpp}")
+        mpps = [self.level_mpp(level) for level in range(self.level_count)]
+        for level, mpp in enumerate(mpps):
+            if abs(mpp - target_mpp) <= MPP_TOLERANCE * target_mpp:
+                return level
+        finer = [level for level, mpp in enumerate(mpps) if mpp < target_mpp]
+        return max(finer, key=lambda level: mpps[level]) if finer else 0
+
+    def scaled_dimensions(self, target_mpp: float) -> tuple[int, int]:
+        """(width, height) of the whole slide at ``target_mpp``."""
+        level = self.best_level_for_mpp(target_mpp)
+        scale = self._scale(level, target_mpp)
+        w, h = self.level_dimensions[level]
+        if scale == 1.0:
+            return w, h
+        return max(1, round(w / scale)), max(1, round(h / scale))
+
+    def _scale(self, level: int, target_mpp: float) -> float:
+        """Level pixels per target pixel (1.0 when the level is within tolerance)."""
+        ratio = target_mpp / self.level_mpp(level)
+        return 1.0 if abs(ratio - 1.0) <= MPP_TOLERANCE else ratio
+
+    # -- pixels -------------------------------------------------------------------------
+    def read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """Read a region in *level* pixel coordinates as (h, w, 3) RGB uint8.
+
+        The part of the region outside the level is white.
+        """
+        if not 0 <= level < self.level_count:
+            raise InvalidParameter(f"level must be in [0, {self.level_count}), got {level}")
+        if width < 1 or height < 1:
+            raise InvalidParameter(f"region size must be positive, got {width}x{height}")
+        lw, lh = self.level_dimensions[level]
+        out = np.full((height, width, 3), WHITE, dtype=np.uint8)
+        x_lo, y_lo = max(x, 0), max(y, 0)
+        x_hi, y_hi = min(x + width, lw), min(y + height, lh)
+        if x_hi <= x_lo or y_hi <= y_lo:
+            return out
+        ds = self.level_downsamples[level]
+        region = self._backend.read(
+            round(x_lo * ds), round(y_lo * ds), level, x_hi - x_lo, y_hi - y_lo
+        )
+        out[y_lo - y : y_hi - y, x_lo - x : x_hi - x] = composite_on_white(region)
+        return out
+
+    def read_scaled(
+        self, target_mpp: float, x: int, y: int, width: int, height: int
+    ) -> np.ndarray:
+        """Read a region given in pixels of the ``target_mpp`` grid.
+
+        Reads the level :meth:`best_level_for_mpp` picks and, when its resolution differs
+        by more than 1%, resamples with area interpolation.
+        """
+        level = self.best_level_for_mpp(target_mpp)
+        scale = self._scale(level, target_mpp)
+        if scale == 1.0:
+            return self.read_level(level, x, y, width, height)
+        lx0, ly0 = math.floor(x * scale), math.floor(y * scale)
+        lx1, ly1 = math.ceil((x + width) * scale), math.ceil((y + height) * scale)
+        region = self.read_level(level, lx0, ly0, lx1 - lx0, ly1 - ly0)
+        interpolation = cv2.INTER_AREA if scale > 1 else cv2.INTER_LINEAR
+        return cv2.resize(region, (width, height), interpolation=interpolation)
+
+    def thumbnail(self, max_px: int) -> np.ndarray:
+        """The whole slide fitted into ``max_px`` x ``max_px`` (RGB uint8)."""
+        if max_px < 1:
+            raise InvalidParameter(f"thumbnail size must be positive, got {max_px}")
+        w0, h0 = self.dimensions
+        factor = max(w0, h0) / max_px
+        tw, th = max(1, round(w0 / factor)), max(1, round(h0 / factor))
+        level = max(
+            (lvl for lvl, ds in enumerate(self.level_downsamples) if ds <= max(factor, 1.0)),
+            key=lambda lvl: self.level_downsamples[lvl],
+        )
+        return self.read_level_resized(level, tw, th)
+
+    def read_level_resized(
+        self, level: int, width: int, height: int, *, band_px: int = 512
+    ) -> np.ndarray:
+        """A whole level resized to (width, height), read in horizontal bands.
+
+        Memory is one band of the level plus the small output, so a single-level
+        100k-pixel slide can still be reduced to a mask or thumbnail.
+        """
+        lw, lh = self.level_dimensions[level]
+        out = np.empty((height, width, 3), dtype=np.uint8)
+        rows_per_band = max(band_px, math.ceil(lh / height))
+        y = 0
+        while y < lh:
+            y_end = min(y + rows_per_band, lh)
+            oy0, oy1 = round(y * height / lh), round(y_end * height / lh)
+            if oy1 > oy0:
+                band = self.read_level(level, 0, y, lw, y_end - y)
+                interpolation = cv2.INTER_AREA if lw >= width else cv2.INTER_LINEAR
+                out[oy0:oy1] = cv2.resize(band, (width, oy1 - oy0), interpolation=interpolation)
+            y = y_end
+        return out
+
+    # -- lifetime -----------------------------------------------------------------------
+    def close(self) -> None:
+        self._backend.close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Slide({str(self.path)!r}, backend={self.backend!r}, dimensions={self.dimensions})"

@@ -1,0 +1,197 @@
+"""The tiling plan: which tiles to read, where, and where their outputs go.
+
+All positions are integer pixels of the *target* grid (the slide resampled to the
+model's ``target_mpp``); each tile also carries its level-0 origin for provenance and
+for readers that need it. A model may drop ``output_crop_px`` input pixels on every
+side (a valid-padding U-Net, a kept centre) and emit one output pixel per
+``output_stride`` input pixels; the plan places tiles so that the *kept* regions tile
+the slide edge to edge, and tiles that run off the slide are padded by the reader.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from wsi.errors import InvalidParameter
+from wsi.tissue import TissueMask
+
+MAX_TILE_PX = 8192
+
+
+@dataclass(frozen=True)
+class TileGeometry:
+    """Tile size and overlap at the target mpp, and how the model maps input to output."""
+
+    tile_px: int
+    overlap_px: int = 0
+    output_crop_px: int = 0
+    output_stride: int = 1
+
+    @property
+    def stride_px(self) -> int:
+        return self.tile_px - self.overlap_px
+
+    @property
+    def kept_px(self) -> int:
+        """Input pixels per side whose output the model returns."""
+        return self.tile_px - 2 * self.output_crop_px
+
+    @property
+    def output_tile_px(self) -> int:
+        return self.kept_px // self.output_stride
+
+    def validate(self) -> None:
+        t, o, c, s = self.tile_px, self.overlap_px, self.output_crop_px, self.output_stride
+        if not 16 <= t <= MAX_TILE_PX:
+            raise InvalidParameter(f"tile_px must be in [16, {MAX_TILE_PX}], got {t}")
+        if not 0 <= o < t:
+            raise InvalidParameter(f"overlap_px must be in [0, tile_px={t}), got {o}")
+        if c < 0 or self.kept_px < 1:
+            raise InvalidParameter(f"output_crop_px={c} leaves nothing of a {t}px tile")
+        if o < 2 * c:
+            raise InvalidParameter(
+                f"overlap_px={o} must be at least 2 * output_crop_px={2 * c}, "
+                "or the kept centres would leave gaps"
+            )
+        if s < 1 or self.kept_px % s or self.stride_px % s:
+            raise InvalidParameter(
+                f"output_stride={s} must divide both the kept size {self.kept_px} "
+                f"and the tile stride {self.stride_px}"
+            )
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile: its input origin on the target grid, grid position and tissue share."""
+
+    index: int
+    row: int
+    col: int
+    x: int
+    y: int
+    x0: int
+    y0: int
+    tissue_fraction: float
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Every tile kept for inference, in row-major order, and the output canvas."""
+
+    target_mpp: float
+    width: int
+    height: int
+    geometry: TileGeometry
+    n_rows: int
+    n_cols: int
+    tiles: list[Tile] = field(repr=False)
+
+    @property
+    def output_shape(self) -> tuple[int, int]:
+        """(height, width) of the output canvas in output pixels."""
+        s = self.geometry.output_stride
+        return math.ceil(self.height / s), math.ceil(self.width / s)
+
+    @property
+    def output_mpp(self) -> float:
+        return self.target_mpp * self.geometry.output_stride
+
+    def output_box(self, tile: Tile) -> tuple[int, int, int, int]:
+        """(y, x, height, width) of the tile's output on the output canvas (unclipped)."""
+        g = self.geometry
+        s = g.output_stride
+        return (
+            (tile.y + g.output_crop_px) // s,
+            (tile.x + g.output_crop_px) // s,
+            g.output_tile_px,
+            g.output_tile_px,
+        )
+
+
+def grid_count(length_px: int, kept_px: int, stride_px: int) -> int:
+    """How many tiles along one axis so that the kept regions cover ``length_px``."""
+    if length_px <= kept_px:
+        return 1
+    return math.ceil((length_px - kept_px) / stride_px) + 1
+
+
+def tissue_fractions(
+    mask: TissueMask, boxes: np.ndarray, target_mpp: float, width: int, height: int
+) -> np.ndarray:
+    """Tissue share of each (x, y, w, h) target-grid box, clipped to the slide."""
+    scale = target_mpp / mask.mpp  # mask pixels per target pixel
+    integral = np.pad(mask.mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    mh, mw = mask.mask.shape
+    x_lo = np.clip(boxes[:, 0], 0, width)
+    y_lo = np.clip(boxes[:, 1], 0, height)
+    x_hi = np.clip(boxes[:, 0] + boxes[:, 2], 0, width)
+    y_hi = np.clip(boxes[:, 1] + boxes[:, 3], 0, height)
+    mx0 = np.clip(np.floor(x_lo * scale).astype(np.int64), 0, mw - 1)
+    my0 = np.clip(np.floor(y_lo * scale).astype(np.int64), 0, mh - 1)
+    mx1 = np.clip(np.ceil(x_hi * scale).astype(np.int64), mx0 + 1, mw)
+    my1 = np.clip(np.ceil(y_hi * scale).astype(np.int64), my0 + 1, mh)
+    inside = integral[my1, mx1] - integral[my0, mx1] - integral[my1, mx0] + integral[my0, mx0]
+    return inside / ((mx1 - mx0) * (my1 - my0))
+
+
+def plan_tiles(
+    *,
+    width: int,
+    height: int,
+    target_mpp: float,
+    slide_mpp: float,
+    geometry: TileGeometry,
+    mask: TissueMask | None,
+    min_tissue_fraction: float = 0.1,
+) -> TilePlan:
+    """Lay a grid over a ``width`` x ``height`` target-grid slide and keep tissue tiles.
+
+    With ``mask=None`` every tile is kept (tissue fraction reported as 1).
+    """
+    geometry.validate()
+    if width < 1 or height < 1:
+        raise InvalidParameter(f"slide size must be positive, got {width}x{height}")
+    if not 0.0 <= min_tissue_fraction <= 1.0:
+        raise InvalidParameter(f"min_tissue_fraction must be in [0, 1], got {min_tissue_fraction}")
+    g = geometry
+    n_cols = grid_count(width, g.kept_px, g.stride_px)
+    n_rows = grid_count(height, g.kept_px, g.stride_px)
+    rows, cols = np.divmod(np.arange(n_rows * n_cols), n_cols)
+    kept_x = cols * g.stride_px
+    kept_y = rows * g.stride_px
+    if mask is None:
+        fractions = np.ones(len(rows))
+    else:
+        boxes = np.stack([kept_x, kept_y, np.full_like(kept_x, g.kept_px),
+                          np.full_like(kept_x, g.kept_px)], axis=1)
+        fractions = tissue_fractions(mask, boxes, target_mpp, width, height)
+    level0_per_target = target_mpp / slide_mpp
+    tiles: list[Tile] = []
+    for r, c, kx, ky, frac in zip(rows, cols, kept_x, kept_y, fractions):
+        if mask is not None and (frac < min_tissue_fraction or frac == 0):
+            continue
+        x, y = int(kx) - g.output_crop_px, int(ky) - g.output_crop_px
+        tiles.append(
+            Tile(
+                index=len(tiles),
+                row=int(r),
+                col=int(c),
+                x=x,
+                y=y,
+                x0=round(x * level0_per_target),
+                y0=round(y * level0_per_target),
+                tissue_fraction=float(frac),
+            )
+        )
+    return TilePlan(
+        target_mpp=target_mpp,
+        width=width,
+        height=height,
+        geometry=g,
+        n_rows=n_rows,
+        n_cols=n_cols,
+        tiles=tiles,
+    )
