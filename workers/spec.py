@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 
+PATH_FIELDS = ("slide_path", "out_path", "weights", "model_dir")
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One slide through one model. ``None`` means "take it from the model card"."""
@@ -21,6 +24,7 @@ class RunSpec:
     model: str  # a built-in model name or a path to a model card JSON
     out_path: Path  # the result .zarr directory (written atomically)
     weights: Path | None = None
+    model_dir: Path | None = None  # where named model folders (<name>/card.json) live
     target_mpp: float | None = None
     slide_mpp: float | None = None
     tile_px: int | None = None
@@ -39,7 +43,7 @@ class RunSpec:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for key in ("slide_path", "out_path", "weights"):
+        for key in PATH_FIELDS:
             if data[key] is not None:
                 data[key] = str(data[key])
         return data
@@ -51,7 +55,7 @@ class RunSpec:
         if unknown:
             raise ValueError(f"unknown run parameters: {', '.join(sorted(unknown))}")
         values = dict(data)
-        for key in ("slide_path", "out_path", "weights"):
+        for key in PATH_FIELDS:
             if values.get(key) is not None:
                 values[key] = Path(values[key])
         return cls(**values)

@@ -129,6 +129,12 @@ class Slide:
         finer = [level for level, mpp in enumerate(mpps) if mpp < target_mpp]
         return max(finer, key=lambda level: mpps[level]) if finer else 0
 
+    def grid_mpp(self, target_mpp: float) -> float:
+        """The true mpp of the grid ``target_mpp`` is read on: a level's own mpp when
+        it is within tolerance (so physical scales stay exact), else ``target_mpp``."""
+        level = self.best_level_for_mpp(target_mpp)
+        return self.level_mpp(level) if self._scale(level, target_mpp) == 1.0 else target_mpp
+
     def scaled_dimensions(self, target_mpp: float) -> tuple[int, int]:
         """(width, height) of the whole slide at ``target_mpp``."""
         level = self.best_level_for_mpp(target_mpp)

@@ -17,7 +17,8 @@ import numpy as np
 from wsi.errors import InvalidParameter
 from wsi.reader import Slide
 
-TISSUE_METHODS: tuple[str, ...] = ("hsv-otsu", "grey-otsu")
+#: "none" treats the whole slide as tissue (every tile is processed).
+TISSUE_METHODS: tuple[str, ...] = ("hsv-otsu", "grey-otsu", "none")
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,11 @@ def tissue_mask(slide: Slide, params: TissueParams | None = None) -> TissueMask:
     """Find tissue on ``slide`` at about ``params.working_mpp``."""
     params = params or TissueParams()
     params.validate()
+    if params.method == "none":
+        factor = max(1.0, params.working_mpp / slide.mpp)
+        w0, h0 = slide.dimensions
+        width, height = max(1, round(w0 / factor)), max(1, round(h0 / factor))
+        return TissueMask(mask=np.ones((height, width), dtype=bool), mpp=slide.mpp * w0 / width)
     rgb, mpp = working_view(slide, params.working_mpp)
     raw = threshold_tissue(rgb, params.method, params.min_threshold)
     return TissueMask(mask=clean_mask(raw, mpp, params), mpp=mpp)

@@ -1,0 +1,53 @@
+"""Building the ``nn.Module`` a card describes (weights are loaded separately)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.card import ModelCard
+from models.errors import ModelCardInvalid
+
+
+class IdentityModel(nn.Module):
+    """Returns its (normalised) input: measures the engine's own cost and exactness."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def build_unet(card: ModelCard) -> nn.Module:
+    from models._torchvision_compat import import_smp
+
+    smp = import_smp()
+    params = {"encoder_name": "resnet18", **card.params}
+    unknown = set(params) - {"encoder_name", "encoder_depth", "decoder_channels",
+                             "decoder_attention_type"}
+    if unknown:
+        raise ModelCardInvalid(f"unet card {card.name!r} has unknown params {sorted(unknown)}")
+    if "decoder_channels" in params:
+        params["decoder_channels"] = tuple(params["decoder_channels"])
+    try:
+        return smp.Unet(
+            **params,
+            encoder_weights=None,  # never downloaded: weights come from the card's file
+            in_channels=3,
+            classes=len(card.classes),
+        )
+    except (KeyError, ValueError, TypeError) as err:
+        raise ModelCardInvalid(f"cannot build unet from card {card.name!r}: {err}") from err
+
+
+def build_module(card: ModelCard) -> nn.Module:
+    """The untrained module for ``card.architecture``."""
+    if card.architecture == "identity":
+        return IdentityModel()
+    if card.architecture == "unet":
+        return build_unet(card)
+    raise ModelCardInvalid(
+        f"architecture {card.architecture!r} of card {card.name!r} is not available in this build"
+    )
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

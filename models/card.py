@@ -1,0 +1,98 @@
+"""Model cards: everything the engine needs to know about a model besides its weights.
+
+A card is a JSON file (``card.json``) beside its weights file. It fixes the architecture
+and its parameters, the classes and their colours, the resolution the model was trained
+at (``target_mpp``), the tile geometry, how the model maps input to output pixels, and the
+input normalisation. Jobs may override tile size and overlap, never the rest.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from models.errors import ModelCardInvalid
+
+ARCHITECTURES = ("identity", "unet", "joint", "cyclegan")
+CARD_FILE = "card.json"
+
+
+class ClassSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    color: str = Field(pattern=r"^#?[0-9A-Fa-f]{6}$")
+
+
+class Normalization(BaseModel):
+    """x -> (x / 255 - mean) / std, per RGB channel."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(v) <= 0:
+            raise ValueError(f"std must be positive, got {v}")
+        return v
+
+
+IMAGENET = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+class ModelCard(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    architecture: Literal["identity", "unet", "joint", "cyclegan"]
+    description: str = ""
+    classes: list[ClassSpec] = Field(min_length=1, max_length=255)
+    #: What the network's raw output is turned into: class probabilities or pass-through.
+    activation: Literal["softmax", "sigmoid", "none"] = "softmax"
+    target_mpp: float = Field(gt=0, le=256)
+    tile_px: int = Field(ge=16, le=8192)
+    overlap_px: int = Field(ge=0, le=8191)
+    output_stride: int = Field(default=1, ge=1, le=64)
+    output_crop_px: int = Field(default=0, ge=0, le=4096)
+    normalization: Normalization = Normalization()
+    params: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = None  # file name relative to the card's folder
+    source: Path | None = Field(default=None, exclude=True)  # where the card was read from
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    def weights_path(self) -> Path | None:
+        if self.weights is None:
+            return None
+        base = self.source.parent if self.source is not None else Path.cwd()
+        return base / self.weights
+
+    def save(self, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / CARD_FILE
+        path.write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
+        return path
+
+
+def read_card(path: Path) -> ModelCard:
+    """Read a card from ``path`` (a card JSON, or a folder holding ``card.json``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CARD_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelCardInvalid(f"cannot read model card {str(path)!r}: {err}") from err
+    try:
+        card = ModelCard.model_validate(data)
+    except ValidationError as err:
+        raise ModelCardInvalid(f"invalid model card {str(path)!r}: {err}") from err
+    return card.model_copy(update={"source": path.resolve()})

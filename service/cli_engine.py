@@ -1,0 +1,191 @@
+"""CLI commands that run the engine locally: ``run``, ``heatmap``, ``models``, ``demo``.
+
+They need no broker and no server. Errors from ``wsi``/``models`` become one-line
+messages with a non-zero exit status instead of tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from models.errors import ModelError
+from workers.spec import Progress, RunCancelled, RunSpec
+from wsi.errors import SlideError
+
+USER_ERRORS = (SlideError, ModelError, RunCancelled, FileNotFoundError)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn expected failures into ``click`` errors (exit status 1, no traceback)."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        raise click.ClickException(f"{type(err).__name__}: {err}") from err
+
+
+class ProgressBar:
+    """A tqdm bar per stage, fed by the engine's progress callback."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.stage: str | None = None
+        self.bar: tqdm | None = None
+
+    def __call__(self, p: Progress) -> None:
+        if not self.enabled or p.stage != "infer":
+            if p.stage != self.stage:
+                self.close()
+                self.stage = p.stage
+            return
+        if p.stage != self.stage:
+            self.close()
+            self.stage = p.stage
+            self.bar = tqdm(total=p.total, desc="tiles", unit="tile")
+        assert self.bar is not None
+        self.bar.total = p.total
+        self.bar.n = p.done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def run_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The engine's options, shared by ``run`` and ``demo``."""
+    options = [
+        click.option("--weights", type=click.Path(path_type=Path), help="Weights file (safetensors or .pt state dict)."),
+        click.option("--target-mpp", type=float, help="Resolution to run the model at, µm/px (default: the card's)."),
+        click.option("--slide-mpp", type=float, help="Level-0 µm/px, for slides that lack it."),
+        click.option("--tile-size", "tile_px", type=int, help="Tile size in pixels at the target mpp."),
+        click.option("--overlap", "overlap_px", type=int, help="Overlap between tiles in pixels."),
+        click.option("--batch-size", type=int, default=8, show_default=True),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--backend", type=click.Choice(["auto", "openslide", "tiffslide"]), default="auto", show_default=True),
+        click.option("--tissue-method", type=click.Choice(["hsv-otsu", "grey-otsu", "none"]), default="hsv-otsu", show_default=True),
+        click.option("--min-tissue", "min_tissue_fraction", type=float, default=0.1, show_default=True, help="Keep tiles with at least this tissue fraction."),
+        click.option("--window", type=click.Choice(["tent", "gaussian", "constant"]), default="tent", show_default=True, help="Blending weight window."),
+        click.option("--read-workers", type=int, default=2, show_default=True, help="Tile-decoding threads."),
+        click.option("--model-dir", type=click.Path(path_type=Path), envvar="SLIDEPIPE_MODEL_DIR", help="Folder of named models (<name>/card.json)."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing result."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@click.command("run")
+@click.argument("slide", type=click.Path(path_type=Path))
+@click.option("--model", required=True, help="Built-in model name or path to a model card JSON.")
+@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="Result .zarr to write.")
+@run_options
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def run_command(slide: Path, model: str, out_path: Path, quiet: bool, **options: Any) -> None:
+    """Run MODEL over SLIDE's tissue and write an OME-Zarr result."""
+    from workers.engine import run_engine
+
+    spec = RunSpec(slide_path=slide, model=model, out_path=out_path, **options)
+    bar = ProgressBar(enabled=not quiet)
+    with user_errors():
+        try:
+            result = run_engine(spec, progress=bar)
+        finally:
+            bar.close()
+    click.echo(
+        f"wrote {result.out_path} ({result.tiles_total} tiles, classes: "
+        f"{', '.join(result.classes)}) in {sum(result.timings_s.values()):.1f}s"
+    )
+
+
+@click.command("heatmap")
+@click.argument("result", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--class", "class_name", help="Class to show (default: the last class).")
+@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="PNG to write.")
+@click.option("--max-size", "max_px", type=int, default=1024, show_default=True)
+@click.option("--no-overlay", is_flag=True, help="Colour map only, without the slide thumbnail.")
+def heatmap_command(result: Path, class_name: str | None, out_path: Path, max_px: int, no_overlay: bool) -> None:
+    """Render one class of RESULT (a slidepipe .zarr) as a PNG heatmap."""
+    from wsi.heatmap import render_heatmap_png
+
+    with user_errors():
+        try:
+            png = render_heatmap_png(result, class_name=class_name, max_px=max_px, overlay=not no_overlay)
+        except KeyError as err:
+            raise click.ClickException(str(err.args[0])) from err
+    out_path.write_bytes(png)
+    click.echo(f"wrote {out_path}")
+
+
+@click.group("models")
+def models_group() -> None:
+    """Model cards and architectures."""
+
+
+@models_group.command("list")
+@click.option("--model-dir", type=click.Path(path_type=Path), envvar="SLIDEPIPE_MODEL_DIR")
+@click.option("--json", "as_json", is_flag=True, help="Print the cards as JSON.")
+def models_list(model_dir: Path | None, as_json: bool) -> None:
+    """Every model this installation can run, with its parameter count."""
+    from models.architectures import build_module, count_parameters
+    from models.registry import list_model_cards
+
+    cards = list_model_cards(model_dir)
+    if as_json:
+        click.echo(json.dumps([c.model_dump(mode="json") for c in cards], indent=2))
+        return
+    for card in cards:
+        n = count_parameters(build_module(card))
+        click.echo(
+            f"{card.name:<16} {card.architecture:<9} {n:>11,} params  "
+            f"{card.target_mpp:g} µm/px  tile {card.tile_px}/{card.overlap_px}  "
+            f"classes: {', '.join(card.class_names)}"
+        )
+
+
+COMMANDS = (run_command, heatmap_command, models_group)
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@click.command("demo")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("demo-output"), show_default=True)
+@click.option("--steps", type=int, default=150, show_default=True, help="Training steps of the demo model.")
+@click.option("--device", default="auto", show_default=True)
+def demo_command(out_dir: Path, steps: int, device: str) -> None:
+    """Fetch a real H&E slide, train a small stain U-Net, run it, write zarr + heatmap."""
+    from workers.demo import run_demo
+
+    training = tqdm(total=steps, desc="train", unit="step")
+
+    def on_step(step: int, loss: float) -> None:
+        training.update(1)
+        training.set_postfix(loss=f"{loss:.3f}")
+
+    bar = ProgressBar()
+    with user_errors():
+        try:
+            out = run_demo(out_dir, steps=steps, progress=bar, device=device, on_step=on_step)
+        finally:
+            training.close()
+            bar.close()
+    dice = ", ".join(f"{k} {v:.2f}" for k, v in out.validation_dice.items())
+    click.echo(f"slide:   {out.slide}\nmodel:   {out.model_card} (held-out Dice: {dice})")
+    click.echo(f"result:  {out.result}\nheatmap: {out.heatmap}")
+
+
+COMMANDS = (*COMMANDS, demo_command)

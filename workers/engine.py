@@ -1,0 +1,274 @@
+"""The slide engine: one slide through one model into one OME-Zarr result.
+
+``run_engine`` is the plain function behind ``slidepipe run`` and the Celery task:
+open the slide, find tissue, plan tiles, read them in background threads, run the model,
+blend the outputs chunk by chunk into the result, build the pyramids and record
+provenance. The result is written under a temporary name beside ``out_path`` and
+renamed into place only when complete, so a failed or cancelled run leaves nothing
+that looks like a result.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from models.predictor import Predictor
+from models.registry import load_model, resolve_card, sha256_file
+from workers.provenance import jsonable, package_versions, utc_now
+from workers.spec import CancelCheck, Progress, ProgressCallback, RunCancelled, RunResult, RunSpec
+from wsi.blending import StreamingMerger, weight_window
+from wsi.errors import InvalidParameter, OutputExists
+from wsi.ome_zarr import ChannelSpec, LabelSpec, ResultWriter, hex_to_rgba
+from wsi.reader import Slide
+from wsi.tile_loader import TileBatchLoader
+from wsi.tiling import TileGeometry, TilePlan, plan_tiles
+from wsi.tissue import TissueMask, TissueParams, tissue_mask
+
+log = logging.getLogger(__name__)
+
+THUMBNAIL_PX = 1024
+TISSUE_RGBA = (0, 200, 0, 110)
+
+
+def _validate(spec: RunSpec) -> None:
+    if not 1 <= spec.batch_size <= 1024:
+        raise InvalidParameter(f"batch_size must be in [1, 1024], got {spec.batch_size}")
+    if not 64 <= spec.chunk_px <= 4096:
+        raise InvalidParameter(f"chunk_px must be in [64, 4096], got {spec.chunk_px}")
+    if not 1 <= spec.read_workers <= 64:
+        raise InvalidParameter(f"read_workers must be in [1, 64], got {spec.read_workers}")
+    if spec.target_mpp is not None and not 0 < spec.target_mpp <= 256:
+        raise InvalidParameter(f"target_mpp must be in (0, 256] µm/px, got {spec.target_mpp}")
+
+
+@contextmanager
+def _staged(out_path: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out_path``; move it into place only on success."""
+    out_path = Path(out_path)
+    if out_path.exists() and not overwrite:
+        raise OutputExists(f"{str(out_path)!r} already exists; pass overwrite to replace it")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_path.exists():
+        old = out_path.with_name(f".{out_path.name}.old-{uuid.uuid4().hex[:8]}")
+        out_path.rename(old)
+        tmp.rename(out_path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out_path)
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(time.perf_counter() - start, 4)
+
+
+def write_tissue_label(array, mask: TissueMask, plan: TilePlan, band_px: int) -> None:  # type: ignore[no-untyped-def]
+    """The tissue mask, nearest-resampled onto the output grid, written band by band."""
+    height, width = plan.output_shape
+    ratio = plan.output_mpp / mask.mpp
+    mh, mw = mask.mask.shape
+    cols = np.minimum(((np.arange(width) + 0.5) * ratio).astype(np.int64), mw - 1)
+    for y0 in range(0, height, band_px):
+        y1 = min(y0 + band_px, height)
+        rows = np.minimum(((np.arange(y0, y1) + 0.5) * ratio).astype(np.int64), mh - 1)
+        band = mask.mask[rows][:, cols]
+        if band.any():
+            array[y0:y1, :] = band.astype(np.uint8)
+
+
+class _ChunkSink:
+    """Turns blended chunks into uint8 probabilities and an argmax class map."""
+
+    def __init__(self, probabilities, classes, chunk_px: int) -> None:  # type: ignore[no-untyped-def]
+        self.probabilities, self.classes, self.c = probabilities, classes, chunk_px
+
+    def __call__(self, cy: int, cx: int, blended: np.ndarray, weights: np.ndarray) -> None:
+        c = self.c
+        h, w = weights.shape
+        ys, xs = slice(cy * c, cy * c + h), slice(cx * c, cx * c + w)
+        self.probabilities[:, ys, xs] = np.clip(np.rint(blended * 255), 0, 255).astype(np.uint8)
+        labels = (blended.argmax(axis=0) + 1).astype(np.uint8)
+        labels[weights <= 0] = 0
+        self.classes[ys, xs] = labels
+
+
+def run_engine(
+    spec: RunSpec,
+    *,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+) -> RunResult:
+    """Run ``spec`` to completion and publish the result at ``spec.out_path``."""
+    report = progress or (lambda _p: None)
+    should_stop = cancel or (lambda: False)
+    timer = _Timer()
+    _validate(spec)
+    started = utc_now()
+
+    with timer.stage("open"):
+        report(Progress("open", 0, 1))
+        card = resolve_card(spec.model, spec.model_dir)
+        geometry = TileGeometry(
+            tile_px=spec.tile_px if spec.tile_px is not None else card.tile_px,
+            overlap_px=spec.overlap_px if spec.overlap_px is not None else card.overlap_px,
+            output_crop_px=card.output_crop_px,
+            output_stride=card.output_stride,
+        )
+        geometry.validate()
+        slide = Slide(spec.slide_path, backend=spec.backend, slide_mpp=spec.slide_mpp)
+    with slide, _staged(spec.out_path, spec.overwrite) as tmp:
+        slide_mpp = slide.mpp  # raises SlideMissingMpp early, before any work
+        target_mpp = slide.grid_mpp(spec.target_mpp or card.target_mpp)
+        with timer.stage("tissue"):
+            report(Progress("tissue", 0, 1))
+            params = TissueParams(method=spec.tissue_method, working_mpp=spec.tissue_working_mpp)
+            mask = tissue_mask(slide, params)
+        with timer.stage("plan"):
+            report(Progress("plan", 0, 1))
+            width, height = slide.scaled_dimensions(target_mpp)
+            plan = plan_tiles(
+                width=width, height=height, target_mpp=target_mpp, slide_mpp=slide_mpp,
+                geometry=geometry, mask=mask, min_tissue_fraction=spec.min_tissue_fraction,
+            )
+        with timer.stage("load_model"):
+            loaded = load_model(card, weights=spec.weights)
+            predictor = Predictor(loaded, device=spec.device)
+            predictor.check_output_geometry(geometry.tile_px, geometry.output_tile_px)
+
+        out_h, out_w = plan.output_shape
+        writer = ResultWriter(tmp, height=out_h, width=out_w, mpp=plan.output_mpp,
+                              chunk_px=spec.chunk_px)
+        probabilities = writer.create_image(
+            "", "probabilities", [ChannelSpec(c.name, c.color) for c in card.classes]
+        )
+        classes = writer.create_label(
+            LabelSpec("classes", {i + 1: (c.name, hex_to_rgba(c.color)) for i, c in
+                                  enumerate(card.classes)})
+        )
+        tissue = writer.create_label(LabelSpec("tissue", {1: ("tissue", TISSUE_RGBA)}))
+
+        with timer.stage("infer"):
+            _infer(spec, plan, predictor, probabilities, classes, report, should_stop)
+        with timer.stage("pyramid"):
+            report(Progress("pyramid", 0, 1))
+            write_tissue_label(tissue, mask, plan, spec.chunk_px)
+            writer.build_pyramids(workers=spec.read_workers)
+            thumb = slide.thumbnail(THUMBNAIL_PX)
+            writer.write_small_image(
+                "thumbnail", "thumbnail", thumb, slide_mpp * slide.dimensions[0] / thumb.shape[1]
+            )
+        with timer.stage("hash_slide"):
+            slide_sha = sha256_file(slide.path)
+        provenance = {
+            "software": "slidepipe",
+            "started": started,
+            "finished": utc_now(),
+            "model_card": card.model_dump(mode="json"),
+            "weights_sha256": loaded.weights_sha256,
+            "parameters": jsonable(spec.to_dict()),
+            "effective": {
+                "target_mpp": target_mpp, "tile_px": geometry.tile_px,
+                "overlap_px": geometry.overlap_px, "output_mpp": plan.output_mpp,
+                "device": str(predictor.device), "backend": slide.backend,
+            },
+            "slide": {
+                "name": slide.path.name, "sha256": slide_sha, "dimensions": list(slide.dimensions),
+                "mpp": slide_mpp, "vendor": slide.vendor, "levels": slide.level_count,
+            },
+            "tissue": {"mpp": mask.mpp, "area_um2": mask.area_um2, "method": params.method},
+            "tiles": {"total": len(plan.tiles), "grid": [plan.n_rows, plan.n_cols]},
+            "versions": package_versions(),
+            "timings_s": timer.timings,
+        }
+        writer.set_attrs("slidepipe", provenance)
+    report(Progress("done", 1, 1))
+    log.info("wrote %s: %d tiles in %.1fs", spec.out_path, len(plan.tiles),
+             sum(timer.timings.values()))
+    return RunResult(
+        out_path=Path(spec.out_path),
+        tiles_total=len(plan.tiles),
+        tiles_inferred=len(plan.tiles),
+        timings_s=timer.timings,
+        classes=card.class_names,
+        provenance=provenance,
+    )
+
+
+_DONE = object()
+
+
+def _infer(spec, plan, predictor, probabilities, classes, report, should_stop) -> None:  # type: ignore[no-untyped-def]
+    """Read -> model -> blend, overlapped: reads run ahead in threads, blending and
+    writing run in one background thread behind a bounded queue."""
+    g = plan.geometry
+    merger = StreamingMerger(
+        channels=probabilities.shape[0],
+        shape=plan.output_shape,
+        chunk_px=spec.chunk_px,
+        boxes=[plan.output_box(t) for t in plan.tiles],
+        window=weight_window(g.output_tile_px, g.output_tile_px, kind=spec.window),
+        sink=_ChunkSink(probabilities, classes, spec.chunk_px),
+    )
+    handoff: queue.Queue = queue.Queue(maxsize=2)
+    failure: list[BaseException] = []
+
+    def blend_worker() -> None:
+        try:
+            while (item := handoff.get()) is not _DONE:
+                tiles, outputs = item
+                for tile, output in zip(tiles, outputs):
+                    y, x, _, _ = plan.output_box(tile)
+                    merger.aggregate(output, (y, x))
+            merger.finalize()
+        except BaseException as err:  # handed to the main thread below
+            failure.append(err)
+            while handoff.get() is not _DONE:  # drain so the producer never blocks
+                pass
+
+    blender = threading.Thread(target=blend_worker, name="blend", daemon=True)
+    blender.start()
+    total, done = len(plan.tiles), 0
+    report(Progress("infer", 0, total))
+    loader = TileBatchLoader(
+        spec.slide_path, plan.tiles, tile_px=g.tile_px, target_mpp=plan.target_mpp,
+        batch_size=spec.batch_size, backend=spec.backend, slide_mpp=spec.slide_mpp,
+        workers=spec.read_workers,
+    )
+    try:
+        for batch in loader:
+            if should_stop():
+                raise RunCancelled(f"cancelled after {done} of {total} tiles")
+            if failure:
+                break
+            handoff.put((batch.tiles, predictor(batch.pixels)))
+            done += len(batch.tiles)
+            report(Progress("infer", done, total))
+    finally:
+        handoff.put(_DONE)
+        blender.join()
+    if failure:
+        raise failure[0]

@@ -1,0 +1,242 @@
+"""Writing results as OME-Zarr (NGFF 0.4, zarr v2 format) that QuPath, napari and
+ome-zarr-py open.
+
+Layout of one result::
+
+    result.zarr/                 multiscale image: class probabilities (c, y, x) uint8
+      0/ 1/ ...                  pyramid levels, each half the previous
+      labels/classes/0 ...       argmax class map (y, x) uint8, colours per class
+      labels/tissue/0 ...        tissue mask (y, x) uint8
+      thumbnail/0                the slide's RGB thumbnail (c, y, x), for heatmaps
+      .zattrs                    multiscales + omero + "slidepipe" provenance
+
+Level 0 is written chunk by chunk by the caller; :meth:`ResultWriter.build_pyramids`
+then derives the coarser levels chunk by chunk, so no level is ever held whole.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numcodecs
+import numpy as np
+import zarr
+
+NGFF_VERSION = "0.4"
+COMPRESSOR = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)
+CHUNK_KEYS = {"name": "v2", "separator": "/"}
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    name: str
+    color: str  # "RRGGBB"
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """A label image: value -> (name, RGBA). Value 0 is background (transparent)."""
+
+    name: str
+    values: dict[int, tuple[str, tuple[int, int, int, int]]]
+
+
+def pyramid_shapes(height: int, width: int, chunk_px: int) -> list[tuple[int, int]]:
+    """Level shapes, halving (rounding up) until the level fits one chunk."""
+    shapes = [(height, width)]
+    while max(shapes[-1]) > chunk_px:
+        h, w = shapes[-1]
+        shapes.append((math.ceil(h / 2), math.ceil(w / 2)))
+    return shapes
+
+
+def hex_to_rgba(color: str, alpha: int = 255) -> tuple[int, int, int, int]:
+    c = color.lstrip("#")
+    if len(c) != 6:
+        raise ValueError(f"colour must be RRGGBB, got {color!r}")
+    return int(c[0:2], 16), int(c[2:4], 16), int(c[4:6], 16), alpha
+
+
+def _axes(with_channel: bool) -> list[dict[str, str]]:
+    space = [
+        {"name": "y", "type": "space", "unit": "micrometer"},
+        {"name": "x", "type": "space", "unit": "micrometer"},
+    ]
+    return ([{"name": "c", "type": "channel"}] if with_channel else []) + space
+
+
+def multiscales_attrs(
+    name: str, n_levels: int, mpp: float, *, with_channel: bool, downsampling: str
+) -> list[dict[str, Any]]:
+    datasets = []
+    for level in range(n_levels):
+        scale = [mpp * 2**level] * 2
+        datasets.append(
+            {
+                "path": str(level),
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": ([1.0] if with_channel else []) + scale}
+                ],
+            }
+        )
+    return [
+        {
+            "version": NGFF_VERSION,
+            "name": name,
+            "axes": _axes(with_channel),
+            "datasets": datasets,
+            "type": downsampling,
+        }
+    ]
+
+
+def _downsample_mean(block: np.ndarray) -> np.ndarray:
+    """2x2 mean over the last two axes, edge-replicating odd sizes (uint8 in and out)."""
+    h, w = block.shape[-2:]
+    pad = [(0, 0)] * (block.ndim - 2) + [(0, h % 2), (0, w % 2)]
+    if h % 2 or w % 2:
+        block = np.pad(block, pad, mode="edge")
+    b = block.astype(np.uint16)
+    total = b[..., 0::2, 0::2] + b[..., 1::2, 0::2] + b[..., 0::2, 1::2] + b[..., 1::2, 1::2]
+    return ((total + 2) // 4).astype(block.dtype)
+
+
+def _downsample_nearest(block: np.ndarray) -> np.ndarray:
+    return block[..., 0::2, 0::2]
+
+
+class ResultWriter:
+    """Creates the arrays of one result and its NGFF metadata.
+
+    ``height``/``width`` are the output canvas in pixels of ``mpp`` micrometres.
+    """
+
+    def __init__(self, path: Path, *, height: int, width: int, mpp: float, chunk_px: int) -> None:
+        self.path = Path(path)
+        self.height, self.width, self.mpp, self.chunk_px = height, width, mpp, chunk_px
+        self.shapes = pyramid_shapes(height, width, chunk_px)
+        self.root = zarr.open_group(str(self.path), mode="w", zarr_format=2)
+        self._images: dict[str, tuple[str, int, str]] = {}  # group path -> (name, channels, kind)
+        self._labels: dict[str, LabelSpec] = {}
+
+    def _create(self, group_path: str, n_channels: int | None, dtype: str = "uint8") -> zarr.Array:
+        group = self.root.require_group(group_path) if group_path else self.root
+        for level, (h, w) in enumerate(self.shapes):
+            shape = (n_channels, h, w) if n_channels else (h, w)
+            chunks = (n_channels, self.chunk_px, self.chunk_px) if n_channels else (
+                self.chunk_px, self.chunk_px)
+            group.create_array(
+                str(level),
+                shape=shape,
+                chunks=chunks,
+                dtype=dtype,
+                fill_value=0,
+                compressors=COMPRESSOR,
+                chunk_key_encoding=CHUNK_KEYS,
+            )
+        return group["0"]  # type: ignore[return-value]
+
+    def create_image(self, group_path: str, name: str, channels: Sequence[ChannelSpec]) -> zarr.Array:
+        """A (c, y, x) uint8 multiscale image at ``group_path`` ("" is the root)."""
+        array = self._create(group_path, len(channels))
+        group = self.root[group_path] if group_path else self.root
+        group.attrs["multiscales"] = multiscales_attrs(
+            name, len(self.shapes), self.mpp, with_channel=True, downsampling="mean"
+        )
+        group.attrs["omero"] = {
+            "name": name,
+            "version": NGFF_VERSION,
+            "channels": [
+                {
+                    "label": ch.name,
+                    "color": ch.color.lstrip("#").upper(),
+                    "active": True,
+                    "coefficient": 1,
+                    "family": "linear",
+                    "inverted": False,
+                    "window": {"start": 0, "end": 255, "min": 0, "max": 255},
+                }
+                for ch in channels
+            ],
+            "rdefs": {"model": "color", "defaultZ": 0, "defaultT": 0},
+        }
+        self._images[group_path] = (name, len(channels), "mean")
+        return array
+
+    def create_label(self, spec: LabelSpec) -> zarr.Array:
+        """A (y, x) uint8 label image under ``labels/<name>`` with colours per value."""
+        array = self._create(f"labels/{spec.name}", None)
+        group = self.root[f"labels/{spec.name}"]
+        group.attrs["multiscales"] = multiscales_attrs(
+            spec.name, len(self.shapes), self.mpp, with_channel=False, downsampling="nearest"
+        )
+        group.attrs["image-label"] = {
+            "version": NGFF_VERSION,
+            "colors": [
+                {"label-value": value, "rgba": list(rgba)}
+                for value, (_, rgba) in sorted(spec.values.items())
+            ],
+            "properties": [
+                {"label-value": value, "class": label_name}
+                for value, (label_name, _) in sorted(spec.values.items())
+            ],
+            "source": {"image": "../../"},
+        }
+        self._labels[spec.name] = spec
+        self.root.require_group("labels").attrs["labels"] = sorted(self._labels)
+        return array
+
+    def write_small_image(self, group_path: str, name: str, rgb: np.ndarray, mpp: float) -> None:
+        """A single-level RGB image (e.g. the slide thumbnail), stored as (c, y, x)."""
+        group = self.root.require_group(group_path)
+        data = np.ascontiguousarray(np.moveaxis(rgb, -1, 0))
+        group.create_array(
+            "0", shape=data.shape, chunks=data.shape, dtype="uint8", fill_value=0,
+            compressors=COMPRESSOR, chunk_key_encoding=CHUNK_KEYS,
+        )[...] = data
+        group.attrs["multiscales"] = multiscales_attrs(
+            name, 1, mpp, with_channel=True, downsampling="mean"
+        )
+
+    def set_attrs(self, key: str, value: Any) -> None:
+        self.root.attrs[key] = value
+
+    # -- pyramid --------------------------------------------------------------------------
+    def _level_jobs(self, level: int) -> Iterator[tuple[int, int]]:
+        h, w = self.shapes[level]
+        for cy in range(math.ceil(h / self.chunk_px)):
+            for cx in range(math.ceil(w / self.chunk_px)):
+                yield cy, cx
+
+    def _reduce_chunk(
+        self, src: zarr.Array, dst: zarr.Array, cy: int, cx: int, mean: bool
+    ) -> None:
+        c = self.chunk_px
+        dh, dw = dst.shape[-2:]
+        y0, x0 = cy * c, cx * c
+        y1, x1 = min(y0 + c, dh), min(x0 + c, dw)
+        block = src[..., 2 * y0 : 2 * y1, 2 * x0 : 2 * x1]
+        if not block.any():
+            return  # stays at the fill value; background chunks are never stored
+        reduced = _downsample_mean(block) if mean else _downsample_nearest(block)
+        dst[..., y0:y1, x0:x1] = reduced[..., : y1 - y0, : x1 - x0]
+
+    def build_pyramids(self, workers: int = 2) -> None:
+        """Derive levels 1.. of every image and label from level 0, chunk by chunk."""
+        groups = [(p, True) for p in self._images] + [(f"labels/{n}", False) for n in self._labels]
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for group_path, mean in groups:
+                group = self.root[group_path] if group_path else self.root
+                for level in range(1, len(self.shapes)):
+                    src, dst = group[str(level - 1)], group[str(level)]
+                    list(
+                        pool.map(
+                            lambda job, s=src, d=dst, m=mean: self._reduce_chunk(s, d, *job, m),
+                            self._level_jobs(level),
+                        )
+                    )
