@@ -54,18 +54,26 @@ class Predictor:
         mean = torch.tensor(norm.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
         std = torch.tensor(norm.std, dtype=torch.float32).view(1, 3, 1, 1) * 255
         self._mean, self._std = mean.to(self.device), std.to(self.device)
+        self._cpu_offset, self._cpu_scale = mean.numpy(), (1.0 / std).numpy()
+
+    def _normalise_cpu(self, batch: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
+        x -= self._cpu_offset
+        x *= self._cpu_scale
+        return x
 
     @torch.inference_mode()
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         if batch.ndim != 4 or batch.shape[-1] != 3 or batch.dtype != np.uint8:
             raise ValueError(f"expected an (n, h, w, 3) uint8 batch, got {batch.shape} {batch.dtype}")
-        x = torch.from_numpy(batch)
         if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).float()
-        x = (x - self._mean) / self._std
-        if self.device.type == "cuda":
+            # ship uint8 (4x fewer bytes over PCIe), convert and normalise on the GPU
+            x = torch.from_numpy(batch).pin_memory().to(self.device, non_blocking=True)
+            x = (x.permute(0, 3, 1, 2).float() - self._mean) / self._std
             x = x.contiguous(memory_format=torch.channels_last)
+        else:
+            # numpy's transpose+cast is ~4x faster than torch's on CPU for this layout
+            x = torch.from_numpy(self._normalise_cpu(batch))
         autocast = (
             torch.autocast(device_type="cuda", dtype=self.amp_dtype) if self.amp else nullcontext()
         )

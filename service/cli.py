@@ -1,21 +1,28 @@
-"""The ``slidepipe`` command: one click group; each command lives in its own module."""
+"""The ``slidepipe`` command: one click group; each command lives in its own module.
+
+Engine commands (``run``, ``heatmap``, ``models``, ``demo``) are in ``service.cli_engine``;
+service commands (``serve``, ``worker``, ``up``) are in ``service.cli_service``.
+"""
 
 from __future__ import annotations
 
 import click
 
+from service.cli_engine import COMMANDS as ENGINE_COMMANDS
+from service.cli_engine import setup_logging
 from service.cli_service import serve, up, worker
 
 
 @click.group()
 @click.version_option(package_name="slidepipe")
-def main() -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
     """slidepipe: whole-slide histopathology processing, from the command line or as a service."""
+    setup_logging(verbose)
 
 
-main.add_command(serve)
-main.add_command(worker)
-main.add_command(up)
+for _command in (*ENGINE_COMMANDS, serve, worker, up):
+    main.add_command(_command)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from workers.provenance import jsonable, package_versions, utc_now
 from workers.spec import CancelCheck, Progress, ProgressCallback, RunCancelled, RunResult, RunSpec
 from wsi.blending import StreamingMerger, weight_window
 from wsi.errors import InvalidParameter, OutputExists
-from wsi.ome_zarr import ChannelSpec, LabelSpec, ResultWriter, hex_to_rgba
+from wsi.ome_zarr import ChannelSpec, ChunkFiles, LabelSpec, ResultWriter, hex_to_rgba
 from wsi.reader import Slide
 from wsi.tile_loader import TileBatchLoader
 from wsi.tiling import TileGeometry, TilePlan, plan_tiles
@@ -103,17 +103,14 @@ def write_tissue_label(array, mask: TissueMask, plan: TilePlan, band_px: int) ->
 class _ChunkSink:
     """Turns blended chunks into uint8 probabilities and an argmax class map."""
 
-    def __init__(self, probabilities, classes, chunk_px: int) -> None:  # type: ignore[no-untyped-def]
-        self.probabilities, self.classes, self.c = probabilities, classes, chunk_px
+    def __init__(self, probabilities: ChunkFiles, classes: ChunkFiles) -> None:
+        self.probabilities, self.classes = probabilities, classes
 
     def __call__(self, cy: int, cx: int, blended: np.ndarray, weights: np.ndarray) -> None:
-        c = self.c
-        h, w = weights.shape
-        ys, xs = slice(cy * c, cy * c + h), slice(cx * c, cx * c + w)
-        self.probabilities[:, ys, xs] = np.clip(np.rint(blended * 255), 0, 255).astype(np.uint8)
+        self.probabilities.write((0, cy, cx), np.clip(np.rint(blended * 255), 0, 255).astype(np.uint8))
         labels = (blended.argmax(axis=0) + 1).astype(np.uint8)
         labels[weights <= 0] = 0
-        self.classes[ys, xs] = labels
+        self.classes.write((cy, cx), labels)
 
 
 def run_engine(
@@ -172,7 +169,8 @@ def run_engine(
         tissue = writer.create_label(LabelSpec("tissue", {1: ("tissue", TISSUE_RGBA)}))
 
         with timer.stage("infer"):
-            _infer(spec, plan, predictor, probabilities, classes, report, should_stop)
+            _infer(spec, plan, predictor, writer.chunk_files(probabilities),
+                   writer.chunk_files(classes), report, should_stop)
         with timer.stage("pyramid"):
             report(Progress("pyramid", 0, 1))
             write_tissue_label(tissue, mask, plan, spec.chunk_px)
@@ -231,7 +229,7 @@ def _infer(spec, plan, predictor, probabilities, classes, report, should_stop) -
         chunk_px=spec.chunk_px,
         boxes=[plan.output_box(t) for t in plan.tiles],
         window=weight_window(g.output_tile_px, g.output_tile_px, kind=spec.window),
-        sink=_ChunkSink(probabilities, classes, spec.chunk_px),
+        sink=_ChunkSink(probabilities, classes),
     )
     handoff: queue.Queue = queue.Queue(maxsize=2)
     failure: list[BaseException] = []

@@ -148,7 +148,8 @@ class StreamingMerger:
                 win = self.window[oy0 - y : oy1 - y, ox0 - x : ox1 - x]
                 src = tile[:, oy0 - y : oy1 - y, ox0 - x : ox1 - x]
                 dst = (slice(oy0 - cy * c, oy1 - cy * c), slice(ox0 - cx * c, ox1 - cx * c))
-                self._sums[key][(slice(None), *dst)] += src * win
+                acc = self._sums[key][(slice(None), *dst)]
+                acc += src * win  # one temporary; in-place add into the chunk
                 self._weights[key][dst] += win
                 self._pending[cy, cx] -= 1
                 if self._pending[cy, cx] == 0:

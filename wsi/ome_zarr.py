@@ -17,7 +17,9 @@ then derives the coarser levels chunk by chunk, so no level is ever held whole.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+import os
+import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,9 @@ import numpy as np
 import zarr
 
 NGFF_VERSION = "0.4"
-COMPRESSOR = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)
+#: lz4 is ~10x faster than zstd here and is zarr-python's own default, so every
+#: OME-Zarr reader decodes it; chunk writes sit on the engine's critical path.
+COMPRESSOR = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
 CHUNK_KEYS = {"name": "v2", "separator": "/"}
 
 
@@ -44,6 +48,57 @@ class LabelSpec:
 
     name: str
     values: dict[int, tuple[str, tuple[int, int, int, int]]]
+
+
+class ChunkFiles:
+    """Whole-chunk reads and writes of a local zarr v2 array, straight to its files.
+
+    Why: zarr-python 3 spends ~5 ms of Python per ``array[...] = block`` call, ten times
+    the cost of encoding and writing the chunk; the engine writes every chunk exactly
+    once, whole, so it can use the v2 format directly: the chunk, padded to the full
+    chunk shape with the fill value, C order, encoded by the array's compressor, stored at
+    ``<array>/<i>/<j>/<k>`` ("/" separator), each file written to a temporary name and
+    renamed so that a reader never sees half a chunk. Chunks equal to the fill value are
+    not stored, as zarr does.
+    """
+
+    def __init__(self, array: zarr.Array, root: Path) -> None:
+        self.shape: tuple[int, ...] = tuple(array.shape)
+        self.chunks: tuple[int, ...] = tuple(array.chunks)
+        self.dtype = np.dtype(array.dtype)
+        self.fill = array.fill_value
+        self.folder = Path(root) / array.path
+        self.codec = COMPRESSOR
+
+    def _file(self, index: tuple[int, ...]) -> Path:
+        return self.folder.joinpath(*(str(i) for i in index))
+
+    def write(self, index: tuple[int, ...], data: np.ndarray) -> None:
+        """Store chunk ``index``; ``data`` may be smaller at the array's far edges."""
+        if not data.any() and self.fill == 0:
+            return
+        full = data
+        if data.shape != self.chunks:
+            full = np.full(self.chunks, self.fill, dtype=self.dtype)
+            full[tuple(slice(0, n) for n in data.shape)] = data
+        encoded = self.codec.encode(np.ascontiguousarray(full, dtype=self.dtype))
+        target = self._file(index)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
+        with open(tmp, "wb") as fh:
+            fh.write(encoded)
+        os.replace(tmp, target)
+
+    def read(self, index: tuple[int, ...]) -> np.ndarray:
+        """Chunk ``index`` at full chunk shape (the fill value where none is stored)."""
+        target = self._file(index)
+        if not target.is_file():
+            return np.full(self.chunks, self.fill, dtype=self.dtype)
+        raw = self.codec.decode(target.read_bytes())
+        return np.frombuffer(raw, dtype=self.dtype).reshape(self.chunks)
+
+    def n_chunks(self) -> tuple[int, ...]:
+        return tuple(math.ceil(s / c) for s, c in zip(self.shape, self.chunks))
 
 
 def pyramid_shapes(height: int, width: int, chunk_px: int) -> list[tuple[int, int]]:
@@ -207,24 +262,33 @@ class ResultWriter:
         self.root.attrs[key] = value
 
     # -- pyramid --------------------------------------------------------------------------
-    def _level_jobs(self, level: int) -> Iterator[tuple[int, int]]:
-        h, w = self.shapes[level]
-        for cy in range(math.ceil(h / self.chunk_px)):
-            for cx in range(math.ceil(w / self.chunk_px)):
-                yield cy, cx
+    def chunk_files(self, array: zarr.Array) -> ChunkFiles:
+        return ChunkFiles(array, self.path)
 
-    def _reduce_chunk(
-        self, src: zarr.Array, dst: zarr.Array, cy: int, cx: int, mean: bool
-    ) -> None:
-        c = self.chunk_px
-        dh, dw = dst.shape[-2:]
-        y0, x0 = cy * c, cx * c
-        y1, x1 = min(y0 + c, dh), min(x0 + c, dw)
-        block = src[..., 2 * y0 : 2 * y1, 2 * x0 : 2 * x1]
-        if not block.any():
+    def _reduce_chunk(self, src: ChunkFiles, dst: ChunkFiles, cy: int, cx: int, mean: bool) -> None:
+        """Chunk (cy, cx) of a level from the 2x2 chunks of the level below it."""
+        lead = (0,) * (len(src.chunks) - 2)
+        n_sy, n_sx = src.n_chunks()[-2:]
+        parts = [
+            [src.read((*lead, sy, sx)) if sy < n_sy and sx < n_sx else None
+             for sx in (2 * cx, 2 * cx + 1)]
+            for sy in (2 * cy, 2 * cy + 1)
+        ]
+        if all(p is None or not p.any() for row in parts for p in row):
             return  # stays at the fill value; background chunks are never stored
+        c = self.chunk_px
+        block = np.zeros((*src.chunks[:-2], 2 * c, 2 * c), dtype=src.dtype)
+        for i, row in enumerate(parts):
+            for j, part in enumerate(row):
+                if part is not None:
+                    block[..., i * c : (i + 1) * c, j * c : (j + 1) * c] = part
+        # crop to the valid source extent so edge replication uses real pixels
+        sh, sw = src.shape[-2:]
+        block = block[..., : max(0, min(2 * c, sh - 2 * cy * c)), : max(0, min(2 * c, sw - 2 * cx * c))]
         reduced = _downsample_mean(block) if mean else _downsample_nearest(block)
-        dst[..., y0:y1, x0:x1] = reduced[..., : y1 - y0, : x1 - x0]
+        dh, dw = dst.shape[-2:]
+        reduced = reduced[..., : min(c, dh - cy * c), : min(c, dw - cx * c)]
+        dst.write((*lead, cy, cx), reduced)
 
     def build_pyramids(self, workers: int = 2) -> None:
         """Derive levels 1.. of every image and label from level 0, chunk by chunk."""
@@ -233,10 +297,8 @@ class ResultWriter:
             for group_path, mean in groups:
                 group = self.root[group_path] if group_path else self.root
                 for level in range(1, len(self.shapes)):
-                    src, dst = group[str(level - 1)], group[str(level)]
-                    list(
-                        pool.map(
-                            lambda job, s=src, d=dst, m=mean: self._reduce_chunk(s, d, *job, m),
-                            self._level_jobs(level),
-                        )
-                    )
+                    src = self.chunk_files(group[str(level - 1)])
+                    dst = self.chunk_files(group[str(level)])
+                    n_cy, n_cx = dst.n_chunks()[-2:]
+                    jobs = [(cy, cx) for cy in range(n_cy) for cx in range(n_cx)]
+                    list(pool.map(lambda job, s=src, d=dst, m=mean: self._reduce_chunk(s, d, *job, m), jobs))

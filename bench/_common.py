@@ -1,0 +1,83 @@
+"""Shared helpers for the benchmark scripts: slides, timing, peak RSS, tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("SLIDEPIPE_BENCH_CACHE", Path(tempfile.gettempdir()) / "slidepipe-bench"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def real_tissue_slide(size_px: int, flavor: str = "svs") -> Path:
+    """Real H&E (cmu_small_region, mirrored) as a JPEG pyramidal slide, cached."""
+    from workers.sample_data import fetch_cmu_small_region
+    from wsi.reader import Slide
+    from wsi.synthetic import write_slide_from_array
+
+    path = cache_dir() / f"cmu-mirrored-{size_px}.{'svs' if flavor == 'svs' else 'tiff'}"
+    if not path.is_file():
+        with Slide(fetch_cmu_small_region()) as slide:
+            rgb = slide.read_level(0, 0, 0, *slide.dimensions)
+        partial = path.with_name(path.name + ".partial")
+        write_slide_from_array(partial, rgb, mpp=0.5, width=size_px, height=size_px, flavor=flavor)
+        partial.rename(path)
+    return path
+
+
+def banded_slide(size_px: int, tissue_fraction: float = 0.1) -> Path:
+    """A mostly-background slide with tissue bands, cached."""
+    from wsi.synthetic import write_banded_slide
+
+    path = cache_dir() / f"banded-{size_px}-{tissue_fraction:g}.svs"
+    if not path.is_file():
+        partial = path.with_name(path.name + ".partial")
+        write_banded_slide(partial, width=size_px, height=size_px, tissue_fraction=tissue_fraction)
+        partial.rename(path)
+    return path
+
+
+def run_child(args: Sequence[str]) -> tuple[dict, int]:
+    """Run ``python -m <args>`` in a fresh process; return its JSON stdout and peak RSS (bytes).
+
+    ru_maxrss of RUSAGE_CHILDREN is the max over *all* children so far, so each
+    measurement runs behind its own intermediate process that reports only its child.
+    """
+    probe = (
+        "import json,resource,subprocess,sys;"
+        "p=subprocess.run(sys.argv[1:],capture_output=True,text=True);"
+        "sys.stderr.write(p.stderr);"
+        "print(json.dumps({'rc':p.returncode,'out':p.stdout,"
+        "'maxrss_kb':resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, sys.executable, *args],
+                          capture_output=True, text=True, cwd=REPO)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    if report["rc"] != 0:
+        raise RuntimeError(f"child {args} failed (rc {report['rc']}): {done.stderr[-2000:]}")
+    return json.loads(report["out"].strip().splitlines()[-1]), report["maxrss_kb"] * 1024
+
+
+def self_peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
