@@ -10,9 +10,22 @@ from models.errors import ModelCardInvalid
 
 
 class IdentityModel(nn.Module):
-    """Returns its (normalised) input: measures the engine's own cost and exactness."""
+    """Returns its (normalised) input: measures the engine's own cost and exactness.
+
+    It honours a card's output geometry, so that geometry can be tested exactly: it
+    drops ``crop_px`` pixels per side and averages ``stride`` x ``stride`` blocks.
+    """
+
+    def __init__(self, crop_px: int = 0, stride: int = 1) -> None:
+        super().__init__()
+        self.crop_px, self.stride = crop_px, stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.crop_px:
+            c = self.crop_px
+            x = x[..., c:-c, c:-c]
+        if self.stride > 1:
+            x = nn.functional.avg_pool2d(x, self.stride)
         return x
 
 
@@ -41,7 +54,7 @@ def build_unet(card: ModelCard) -> nn.Module:
 def build_module(card: ModelCard) -> nn.Module:
     """The untrained module for ``card.architecture``."""
     if card.architecture == "identity":
-        return IdentityModel()
+        return IdentityModel(card.output_crop_px, card.output_stride)
     if card.architecture == "unet":
         return build_unet(card)
     raise ModelCardInvalid(

@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -216,15 +216,24 @@ def run_engine(
     )
 
 
-_DONE = object()
+_DONE = object()  # every batch was handed over: finalise the merger
+_ABORT = object()  # the producer stopped early: do not finalise
 
 
-def _infer(spec, plan, predictor, probabilities, classes, report, should_stop) -> None:  # type: ignore[no-untyped-def]
+def _infer(
+    spec: RunSpec,
+    plan: TilePlan,
+    predictor: Predictor,
+    probabilities: ChunkFiles,
+    classes: ChunkFiles,
+    report: ProgressCallback,
+    should_stop: CancelCheck,
+) -> None:
     """Read -> model -> blend, overlapped: reads run ahead in threads, blending and
     writing run in one background thread behind a bounded queue."""
     g = plan.geometry
     merger = StreamingMerger(
-        channels=probabilities.shape[0],
+        channels=probabilities.chunks[0],
         shape=plan.output_shape,
         chunk_px=spec.chunk_px,
         boxes=[plan.output_box(t) for t in plan.tiles],
@@ -235,17 +244,19 @@ def _infer(spec, plan, predictor, probabilities, classes, report, should_stop) -
     failure: list[BaseException] = []
 
     def blend_worker() -> None:
+        item = None
         try:
-            while (item := handoff.get()) is not _DONE:
+            while (item := handoff.get()) not in (_DONE, _ABORT):
                 tiles, outputs = item
                 for tile, output in zip(tiles, outputs):
                     y, x, _, _ = plan.output_box(tile)
                     merger.aggregate(output, (y, x))
-            merger.finalize()
+            if item is _DONE:
+                merger.finalize()
         except BaseException as err:  # handed to the main thread below
             failure.append(err)
-            while handoff.get() is not _DONE:  # drain so the producer never blocks
-                pass
+            while item not in (_DONE, _ABORT):  # drain so the producer never blocks
+                item = handoff.get()
 
     blender = threading.Thread(target=blend_worker, name="blend", daemon=True)
     blender.start()
@@ -256,17 +267,21 @@ def _infer(spec, plan, predictor, probabilities, classes, report, should_stop) -
         batch_size=spec.batch_size, backend=spec.backend, slide_mpp=spec.slide_mpp,
         workers=spec.read_workers,
     )
+    ending = _ABORT
     try:
-        for batch in loader:
-            if should_stop():
-                raise RunCancelled(f"cancelled after {done} of {total} tiles")
-            if failure:
-                break
-            handoff.put((batch.tiles, predictor(batch.pixels)))
-            done += len(batch.tiles)
-            report(Progress("infer", done, total))
+        with closing(iter(loader)) as batches:
+            for batch in batches:
+                if should_stop():
+                    raise RunCancelled(f"cancelled after {done} of {total} tiles")
+                if failure:
+                    break
+                handoff.put((batch.tiles, predictor(batch.pixels)))
+                done += len(batch.tiles)
+                report(Progress("infer", done, total))
+            else:
+                ending = _DONE
     finally:
-        handoff.put(_DONE)
+        handoff.put(ending)
         blender.join()
     if failure:
         raise failure[0]
