@@ -1,0 +1,75 @@
+"""The ``slidepipe`` console script, run as a user runs it (a real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import zarr
+
+SLIDEPIPE = [sys.executable, "-m", "service.cli"]
+
+
+def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*SLIDEPIPE, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_run_then_heatmap(engine_slides: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "result.zarr"
+    done = _run("run", str(engine_slides["svs"]), "--model", "identity", "--out", str(out),
+                "--target-mpp", "1.0", "--tile-size", "128", "--overlap", "32", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert "wrote" in done.stdout and "classes: red, green, blue" in done.stdout
+    assert zarr.open_group(str(out), mode="r")["0"].shape == (3, 650, 750)
+    png = tmp_path / "red.png"
+    done = _run("heatmap", str(out), "--class", "red", "--out", str(png), "--max-size", "300")
+    assert done.returncode == 0, done.stderr
+    image = cv2.imread(str(png))
+    assert max(image.shape[:2]) == 300  # map + legend fit the requested size
+    done = _run("heatmap", str(out), "--class", "tumour", "--out", str(png))
+    assert done.returncode == 1 and "no class 'tumour'" in done.stderr
+
+
+def test_errors_are_one_line_messages(tmp_path: Path) -> None:
+    not_a_slide = tmp_path / "notes.txt"
+    not_a_slide.write_text("not a slide")
+    done = _run("run", str(not_a_slide), "--model", "identity", "--out", str(tmp_path / "r.zarr"))
+    assert done.returncode == 1
+    assert "SlideUnreadable" in done.stderr and "Traceback" not in done.stderr
+    done = _run("run", str(not_a_slide), "--model", "no-such-model", "--out", str(tmp_path / "r.zarr"))
+    assert done.returncode == 1 and "unknown model 'no-such-model'" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_models_list() -> None:
+    done = _run("models", "list")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("identity") and " 0 params" in lines[0]
+    assert lines[1].startswith("unet") and "14,328,354 params" in lines[1]
+
+
+def test_demo_end_to_end(tmp_path: Path, cmu_svs: Path) -> None:
+    """The README's first command, with a short training run: real slide in, a trained
+    model card, a zarr and a heatmap out."""
+    env_cache = tmp_path / "cache"
+    env_cache.mkdir()
+    shutil.copy(cmu_svs, env_cache / "cmu_small_region.svs")
+    done = subprocess.run([*SLIDEPIPE, "demo", "--out", str(tmp_path / "demo"), "--steps", "4"],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "SLIDEPIPE_CACHE": str(env_cache)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    training = json.loads((tmp_path / "demo" / "demo-model" / "training.json").read_text())
+    assert training["steps"] == 4 and set(training["val_dice"]) == {"background", "stroma", "nuclei"}
+    root = zarr.open_group(str(tmp_path / "demo" / "cmu_small_region.zarr"), mode="r")
+    assert [c["label"] for c in root.attrs["omero"]["channels"]] == ["background", "stroma", "nuclei"]
+    probabilities = np.asarray(root["1"])
+    assert probabilities.shape[0] == 3 and probabilities.any()
+    heatmap = cv2.imread(str(tmp_path / "demo" / "cmu_small_region-nuclei.png"))
+    assert heatmap is not None and max(heatmap.shape[:2]) == 1024
