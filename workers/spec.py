@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-
 PATH_FIELDS = ("slide_path", "out_path", "weights", "model_dir")
 
 

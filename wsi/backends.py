@@ -2,12 +2,15 @@
 
 Each adapter opens one file and answers the same few questions: level geometry, the raw
 property map, the microns-per-pixel and vendor (each library names them differently) and
-``read(x0, y0, level, w, h)`` returning an ``(h, w, 3|4)`` uint8 array for a region that
-lies inside the level. Clamping, padding and alpha compositing live in the facade.
+``read(x, y, level, w, h)`` returning an ``(h, w, 3|4)`` uint8 array for a region given
+in *level* pixels that lies inside the level. Both libraries take level-0 coordinates
+and convert back with their own rounding, so each adapter does the conversion that its
+library inverts exactly. Clamping, padding and alpha compositing live in the facade.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
@@ -15,6 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from wsi.errors import RegionUnreadable, SlideUnreadable
+from wsi.tiff_integrity import check_tiff_extent, is_tiff
 
 BACKENDS: tuple[str, ...] = ("openslide", "tiffslide")
 
@@ -27,9 +31,14 @@ class SlideBackend(Protocol):
     mpp: float | None
     vendor: str
 
-    def read(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray: ...
+    def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray: ...
 
     def close(self) -> None: ...
+
+
+#: A resolution coarser than this is a TIFF writer's default (72 dpi = 352.8 µm/px),
+#: not a scanner's: such a slide is treated as having no mpp.
+MAX_PLAUSIBLE_MPP = 50.0
 
 
 def _float_or_none(value: object) -> float | None:
@@ -37,7 +46,7 @@ def _float_or_none(value: object) -> float | None:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
-    return number if number > 0 else None
+    return number if 0 < number <= MAX_PLAUSIBLE_MPP else None
 
 
 class OpenSlideBackend:
@@ -48,6 +57,7 @@ class OpenSlideBackend:
     def __init__(self, path: Path) -> None:
         import openslide
 
+        self._path = path
         try:
             self._slide = openslide.OpenSlide(str(path))
         except (openslide.OpenSlideError, OSError, ValueError) as err:
@@ -58,14 +68,20 @@ class OpenSlideBackend:
         self.mpp = _float_or_none(self.properties.get("openslide.mpp-x"))
         self.vendor = self.properties.get("openslide.vendor", "generic-tiff")
 
-    def read(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
+    def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         import openslide
 
+        ds = self.level_downsamples[level]
+        x0, y0 = round(x * ds), round(y * ds)  # openslide resamples sub-pixel offsets
         try:
             image = self._slide.read_region((x0, y0), level, (width, height))
         except openslide.OpenSlideError as err:
+            # openslide's errors are sticky: the handle fails every later read, so
+            # reopen it before reporting, and the next region reads normally again
+            self._slide.close()
+            self._slide = openslide.OpenSlide(str(self._path))
             raise RegionUnreadable(
-                f"openslide failed on region x0={x0} y0={y0} level={level} "
+                f"openslide failed on region x={x} y={y} level={level} "
                 f"size={width}x{height}: {err}"
             ) from err
         return np.asarray(image)
@@ -92,14 +108,18 @@ class TiffSlideBackend:
         self.mpp = _float_or_none(self._slide.properties.get("tiffslide.mpp-x"))
         self.vendor = str(self._slide.properties.get("tiffslide.vendor") or "generic-tiff")
 
-    def read(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
+
+    def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        ds = self.level_downsamples[level]
+        # tiffslide maps back with int(x0 / ds): the smallest x0 with x0 / ds >= x hits x
+        x0, y0 = math.ceil(x * ds - 1e-9), math.ceil(y * ds - 1e-9)
         try:
             return np.asarray(
                 self._slide.read_region((x0, y0), level, (width, height), as_array=True)
             )
         except Exception as err:  # imagecodecs/tifffile errors have no common base
             raise RegionUnreadable(
-                f"tiffslide failed on region x0={x0} y0={y0} level={level} "
+                f"tiffslide failed on region x={x} y={y} level={level} "
                 f"size={width}x{height}: {err}"
             ) from err
 
@@ -108,17 +128,42 @@ class TiffSlideBackend:
 
 
 def open_backend(path: Path, backend: str) -> SlideBackend:
-    """Open ``path`` with the named backend; ``auto`` tries openslide, then tiffslide."""
-    if backend == "openslide":
-        return OpenSlideBackend(path)
-    if backend == "tiffslide":
-        return TiffSlideBackend(path)
-    if backend != "auto":
+    """Open ``path`` with the named backend; ``auto`` tries openslide, then tiffslide.
+
+    A TIFF whose directories or tile data run past the end of the file is refused
+    before either library sees it (both would serve what is left of it).
+    """
+    if backend not in ("auto", *BACKENDS):
         raise ValueError(f"unknown slide backend {backend!r}; expected auto, {', '.join(BACKENDS)}")
+    if is_tiff(path):
+        check_tiff_extent(path)
+    candidates = {"openslide": [OpenSlideBackend], "tiffslide": [TiffSlideBackend]}.get(
+        backend, [OpenSlideBackend, TiffSlideBackend]
+    )
     reasons: list[str] = []
-    for candidate in (OpenSlideBackend, TiffSlideBackend):
+    for candidate in candidates:
         try:
-            return candidate(path)
+            opened = candidate(path)
         except SlideUnreadable as err:
             reasons.append(str(err))
+            continue
+        try:
+            probe_levels(opened, path)
+        except SlideUnreadable as err:
+            opened.close()
+            reasons.append(str(err))
+            continue
+        return opened
     raise SlideUnreadable("; ".join(reasons))
+
+
+def probe_levels(backend: SlideBackend, path: Path) -> None:
+    """Decode one pixel of every level, so that a file whose pixels no codec decodes
+    (an unknown compression, a corrupt first tile) is refused when it is opened."""
+    for level in range(len(backend.level_dimensions)):
+        try:
+            backend.read(0, 0, level, 1, 1)
+        except RegionUnreadable as err:
+            raise SlideUnreadable(
+                f"{backend.name} opened {path.name!r} but level {level} does not decode: {err}"
+            ) from err

@@ -165,10 +165,7 @@ class Slide:
         x_hi, y_hi = min(x + width, lw), min(y + height, lh)
         if x_hi <= x_lo or y_hi <= y_lo:
             return out
-        ds = self.level_downsamples[level]
-        region = self._backend.read(
-            round(x_lo * ds), round(y_lo * ds), level, x_hi - x_lo, y_hi - y_lo
-        )
+        region = self._backend.read(x_lo, y_lo, level, x_hi - x_lo, y_hi - y_lo)
         out[y_lo - y : y_hi - y, x_lo - x : x_hi - x] = composite_on_white(region)
         return out
 

