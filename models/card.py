@@ -43,6 +43,27 @@ class Normalization(BaseModel):
         return v
 
 
+class OutputSpec(BaseModel):
+    """One output of a model, as the engine stores it.
+
+    ``dense`` outputs are (C, h, w) maps that are blended into a multiscale image
+    (the first dense output is the result's root image); ``per_tile`` outputs are one
+    vector per tile, stored on the tile grid. ``channels``: one per class, or RGB.
+    Values in [0, ``max_value``] are stored as uint8.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    kind: Literal["dense", "per_tile"] = "dense"
+    channels: Literal["classes", "rgb"] = "classes"
+    max_value: float = Field(default=1.0, gt=0)
+
+
+#: Outputs whose raw values are logits: the card's ``activation`` turns them into
+#: probabilities. Every other output is used as the model returns it.
+ACTIVATED_OUTPUTS = ("probabilities", "tile_scores")
+
 IMAGENET = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 
@@ -61,6 +82,9 @@ class ModelCard(BaseModel):
     output_stride: int = Field(default=1, ge=1, le=64)
     output_crop_px: int = Field(default=0, ge=0, le=4096)
     normalization: Normalization = Normalization()
+    outputs: list[OutputSpec] = Field(
+        default_factory=lambda: [OutputSpec(name="probabilities")], min_length=1
+    )
     params: dict[str, Any] = Field(default_factory=dict)
     weights: str | None = None  # file name relative to the card's folder
     source: Path | None = Field(default=None, exclude=True)  # where the card was read from
@@ -68,6 +92,16 @@ class ModelCard(BaseModel):
     @property
     def class_names(self) -> list[str]:
         return [c.name for c in self.classes]
+
+    @field_validator("outputs")
+    @classmethod
+    def _outputs_valid(cls, v: list[OutputSpec]) -> list[OutputSpec]:
+        names = [o.name for o in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"output names must be unique, got {names}")
+        if v[0].kind != "dense":
+            raise ValueError(f"the first output must be dense (the root image), got {v[0].kind}")
+        return v
 
     def weights_path(self) -> Path | None:
         if self.weights is None:

@@ -1,7 +1,9 @@
 """Running a loaded model on batches of uint8 RGB tiles, on CPU or CUDA.
 
-The engine hands over ``(n, h, w, 3)`` uint8 numpy batches and gets back ``(n, C, h', w')``
-float32 probabilities. On CUDA the batch goes through pinned memory with a non-blocking
+The engine hands over ``(n, h, w, 3)`` uint8 numpy batches and gets back one float32
+array per output the card declares: ``(n, C, h', w')`` for dense outputs (class
+probabilities first), ``(n, C)`` for per-tile outputs. A module may return one tensor
+(taken as the first output) or a dict of tensors keyed by output name. On CUDA the batch goes through pinned memory with a non-blocking
 copy, the model runs channels-last under autocast (bf16 where supported), and only the
 (smaller) output comes back; on CPU it runs in float32.
 """
@@ -14,7 +16,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from models.card import ModelCard
+from models.card import ACTIVATED_OUTPUTS, ModelCard
 from models.errors import ModelCardInvalid
 from models.registry import LoadedModel
 
@@ -63,7 +65,7 @@ class Predictor:
         return x
 
     @torch.inference_mode()
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         if batch.ndim != 4 or batch.shape[-1] != 3 or batch.dtype != np.uint8:
             raise ValueError(f"expected an (n, h, w, 3) uint8 batch, got {batch.shape} {batch.dtype}")
         if self.device.type == "cuda":
@@ -78,26 +80,46 @@ class Predictor:
             torch.autocast(device_type="cuda", dtype=self.amp_dtype) if self.amp else nullcontext()
         )
         with autocast:
-            y = self.module(x)
-        y = y.float()
-        if self.card.activation == "softmax":
-            y = torch.softmax(y, dim=1)
-        elif self.card.activation == "sigmoid":
-            y = torch.sigmoid(y)
-        return y.cpu().numpy()
+            raw = self.module(x)
+        named = raw if isinstance(raw, dict) else {self.card.outputs[0].name: raw}
+        outputs: dict[str, np.ndarray] = {}
+        for spec in self.card.outputs:
+            if spec.name not in named:
+                raise ModelCardInvalid(
+                    f"model {self.card.name!r} returned {sorted(named)} but its card "
+                    f"declares output {spec.name!r}"
+                )
+            y = named[spec.name].float()
+            if spec.name in ACTIVATED_OUTPUTS:
+                y = self._activate(y)
+            outputs[spec.name] = y.cpu().numpy()
+        return outputs
 
-    def check_output_geometry(self, tile_px: int, expected_px: int) -> int:
-        """Run one blank tile; fail early if the output size is not what the card says."""
-        out = self(np.full((1, tile_px, tile_px, 3), 255, dtype=np.uint8))
-        if out.shape[1] != len(self.card.classes):
-            raise ModelCardInvalid(
-                f"model {self.card.name!r} outputs {out.shape[1]} channels but its card "
-                f"lists {len(self.card.classes)} classes"
-            )
-        if out.shape[2:] != (expected_px, expected_px):
-            raise ModelCardInvalid(
-                f"model {self.card.name!r} maps a {tile_px}px tile to {out.shape[2:]} but its "
-                f"card (output_crop_px={self.card.output_crop_px}, output_stride="
-                f"{self.card.output_stride}) implies {expected_px}x{expected_px}"
-            )
-        return out.shape[1]
+    def _activate(self, y: torch.Tensor) -> torch.Tensor:
+        if self.card.activation == "softmax":
+            return torch.softmax(y, dim=1)
+        if self.card.activation == "sigmoid":
+            return torch.sigmoid(y)
+        return y
+
+    def check_output_geometry(self, tile_px: int, expected_px: int) -> None:
+        """Run one blank tile; fail early if an output's shape is not what the card says."""
+        outputs = self(np.full((1, tile_px, tile_px, 3), 255, dtype=np.uint8))
+        for spec in self.card.outputs:
+            out = outputs[spec.name]
+            channels = 3 if spec.channels == "rgb" else len(self.card.classes)
+            if out.shape[1] != channels:
+                raise ModelCardInvalid(
+                    f"model {self.card.name!r} output {spec.name!r} has {out.shape[1]} "
+                    f"channels but its card implies {channels}"
+                )
+            if spec.kind == "per_tile" and out.ndim != 2:
+                raise ModelCardInvalid(
+                    f"per-tile output {spec.name!r} of {self.card.name!r} has shape {out.shape}"
+                )
+            if spec.kind == "dense" and out.shape[2:] != (expected_px, expected_px):
+                raise ModelCardInvalid(
+                    f"model {self.card.name!r} maps a {tile_px}px tile to {out.shape[2:]} but "
+                    f"its card (output_crop_px={self.card.output_crop_px}, output_stride="
+                    f"{self.card.output_stride}) implies {expected_px}x{expected_px}"
+                )

@@ -25,10 +25,11 @@ import numpy as np
 from models.predictor import Predictor
 from models.registry import load_model, resolve_card, sha256_file
 from workers.provenance import jsonable, package_versions, utc_now
+from workers.result_layout import ResultLayout
 from workers.spec import CancelCheck, Progress, ProgressCallback, RunCancelled, RunResult, RunSpec
 from wsi.blending import StreamingMerger, weight_window
 from wsi.errors import InvalidParameter, OutputExists
-from wsi.ome_zarr import ChannelSpec, ChunkFiles, LabelSpec, ResultWriter, hex_to_rgba
+from wsi.ome_zarr import LabelSpec, ResultWriter
 from wsi.reader import Slide
 from wsi.tile_loader import TileBatchLoader
 from wsi.tiling import TileGeometry, TilePlan, plan_tiles
@@ -100,19 +101,6 @@ def write_tissue_label(array, mask: TissueMask, plan: TilePlan, band_px: int) ->
             array[y0:y1, :] = band.astype(np.uint8)
 
 
-class _ChunkSink:
-    """Turns blended chunks into uint8 probabilities and an argmax class map."""
-
-    def __init__(self, probabilities: ChunkFiles, classes: ChunkFiles) -> None:
-        self.probabilities, self.classes = probabilities, classes
-
-    def __call__(self, cy: int, cx: int, blended: np.ndarray, weights: np.ndarray) -> None:
-        self.probabilities.write((0, cy, cx), np.clip(np.rint(blended * 255), 0, 255).astype(np.uint8))
-        labels = (blended.argmax(axis=0) + 1).astype(np.uint8)
-        labels[weights <= 0] = 0
-        self.classes.write((cy, cx), labels)
-
-
 def run_engine(
     spec: RunSpec,
     *,
@@ -159,20 +147,14 @@ def run_engine(
         out_h, out_w = plan.output_shape
         writer = ResultWriter(tmp, height=out_h, width=out_w, mpp=plan.output_mpp,
                               chunk_px=spec.chunk_px)
-        probabilities = writer.create_image(
-            "", "probabilities", [ChannelSpec(c.name, c.color) for c in card.classes]
-        )
-        classes = writer.create_label(
-            LabelSpec("classes", {i + 1: (c.name, hex_to_rgba(c.color)) for i, c in
-                                  enumerate(card.classes)})
-        )
+        layout = ResultLayout(writer, card, plan)
         tissue = writer.create_label(LabelSpec("tissue", {1: ("tissue", TISSUE_RGBA)}))
 
         with timer.stage("infer"):
-            _infer(spec, plan, predictor, writer.chunk_files(probabilities),
-                   writer.chunk_files(classes), report, should_stop)
+            _infer(spec, plan, predictor, layout, report, should_stop)
         with timer.stage("pyramid"):
             report(Progress("pyramid", 0, 1))
+            layout.write_tile_grids()
             write_tissue_label(tissue, mask, plan, spec.chunk_px)
             writer.build_pyramids(workers=spec.read_workers)
             thumb = slide.thumbnail(THUMBNAIL_PX)
@@ -224,22 +206,22 @@ def _infer(
     spec: RunSpec,
     plan: TilePlan,
     predictor: Predictor,
-    probabilities: ChunkFiles,
-    classes: ChunkFiles,
+    layout: ResultLayout,
     report: ProgressCallback,
     should_stop: CancelCheck,
 ) -> None:
     """Read -> model -> blend, overlapped: reads run ahead in threads, blending and
     writing run in one background thread behind a bounded queue."""
     g = plan.geometry
-    merger = StreamingMerger(
-        channels=probabilities.chunks[0],
-        shape=plan.output_shape,
-        chunk_px=spec.chunk_px,
-        boxes=[plan.output_box(t) for t in plan.tiles],
-        window=weight_window(g.output_tile_px, g.output_tile_px, kind=spec.window),
-        sink=_ChunkSink(probabilities, classes),
-    )
+    boxes = [plan.output_box(t) for t in plan.tiles]
+    window = weight_window(g.output_tile_px, g.output_tile_px, kind=spec.window)
+    mergers = {
+        output.name: StreamingMerger(
+            channels=layout.sinks[output.name].image.chunks[0], shape=plan.output_shape,
+            chunk_px=spec.chunk_px, boxes=boxes, window=window, sink=layout.sinks[output.name],
+        )
+        for output in layout.dense
+    }
     handoff: queue.Queue = queue.Queue(maxsize=2)
     failure: list[BaseException] = []
 
@@ -248,11 +230,15 @@ def _infer(
         try:
             while (item := handoff.get()) not in (_DONE, _ABORT):
                 tiles, outputs = item
-                for tile, output in zip(tiles, outputs):
+                for i, tile in enumerate(tiles):
                     y, x, _, _ = plan.output_box(tile)
-                    merger.aggregate(output, (y, x))
+                    for name, merger in mergers.items():
+                        merger.aggregate(outputs[name][i], (y, x))
+                    for name in layout.tile_grids:
+                        layout.add_tile_vector(name, tile, outputs[name][i])
             if item is _DONE:
-                merger.finalize()
+                for merger in mergers.values():
+                    merger.finalize()
         except BaseException as err:  # handed to the main thread below
             failure.append(err)
             while item not in (_DONE, _ABORT):  # drain so the producer never blocks

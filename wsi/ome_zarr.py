@@ -258,6 +258,24 @@ class ResultWriter:
             name, 1, mpp, with_channel=True, downsampling="mean"
         )
 
+    def write_tile_grid(
+        self, group_path: str, grid: np.ndarray, channels: Sequence[ChannelSpec],
+        *, scale_um: float, offset_um: float,
+    ) -> None:
+        """A (c, rows, cols) float32 image with one pixel per tile (NaN: not computed)."""
+        group = self.root.require_group(group_path)
+        group.create_array(
+            "0", shape=grid.shape, chunks=grid.shape, dtype="float32", fill_value=float("nan"),
+            compressors=COMPRESSOR, chunk_key_encoding=CHUNK_KEYS,
+        )[...] = grid
+        multiscales = multiscales_attrs(group_path, 1, scale_um, with_channel=True,
+                                        downsampling="mean")
+        multiscales[0]["datasets"][0]["coordinateTransformations"].append(
+            {"type": "translation", "translation": [0.0, offset_um, offset_um]}
+        )
+        group.attrs["multiscales"] = multiscales
+        group.attrs["channels"] = [ch.name for ch in channels]
+
     def set_attrs(self, key: str, value: Any) -> None:
         self.root.attrs[key] = value
 

@@ -83,7 +83,7 @@ def test_weights_roundtrip_and_mismatch(tmp_path: Path) -> None:
     expected = torch.softmax(module.eval()(torch.from_numpy(
         ((batch.transpose(0, 3, 1, 2) / 255.0 - np.array(card.normalization.mean)[:, None, None])
          / np.array(card.normalization.std)[:, None, None]).astype(np.float32))), 1).detach().numpy()
-    got = Predictor(loaded, device="cpu")(batch)
+    got = Predictor(loaded, device="cpu")(batch)["probabilities"]
     assert np.allclose(got, expected, atol=1e-5)
     # a plain PyTorch state dict (as smp users save them) loads too
     torch.save(module.state_dict(), tmp_path / "weights.pt")
@@ -108,7 +108,7 @@ def test_unet_needs_weights_unless_random_init_is_asked_for() -> None:
 
 def test_identity_returns_its_input() -> None:
     batch = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
-    out = Predictor(load_model(BUILTIN_CARDS["identity"]), device="cpu")(batch)
+    out = Predictor(load_model(BUILTIN_CARDS["identity"]), device="cpu")(batch)["probabilities"]
     assert np.array_equal(np.rint(out * 255).astype(np.uint8), batch.transpose(0, 3, 1, 2))
 
 

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.slow
 
 #: Full resolution, one tile per batch: a few seconds of visible progress per slide.
-PARAMS = {"target_mpp": 0.5, "tile_px": 64, "overlap_px": 16, "batch_size": 1}
+# small tiles, one per batch: enough progress steps for the events to catch several
+PARAMS = {"target_mpp": 0.5, "tile_px": 32, "overlap_px": 8, "batch_size": 1}
 
 
 def png_size(data: bytes) -> tuple[int, int]:

@@ -1,0 +1,78 @@
+"""Where each model output goes in the result, and how blended chunks are stored.
+
+Dense outputs become multiscale uint8 images (the first one at the root, the others in
+groups named after them); when the root is class probabilities, an argmax class map is
+stored as labels beside it. Per-tile outputs are stored on the tile grid as a small
+float32 image whose pixels are tiles.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from models.card import ModelCard, OutputSpec
+from wsi.ome_zarr import ChannelSpec, ChunkFiles, LabelSpec, ResultWriter, hex_to_rgba
+from wsi.tiling import Tile, TilePlan
+
+RGB_CHANNELS = [ChannelSpec("red", "FF0000"), ChannelSpec("green", "00FF00"),
+                ChannelSpec("blue", "0000FF")]
+
+
+def channel_specs(card: ModelCard, output: OutputSpec) -> list[ChannelSpec]:
+    if output.channels == "rgb":
+        return RGB_CHANNELS
+    return [ChannelSpec(c.name, c.color) for c in card.classes]
+
+
+class DenseSink:
+    """Stores blended chunks of one dense output as uint8 (value / max_value x 255),
+    and, for class probabilities at the root, the argmax class map (0 = not computed)."""
+
+    def __init__(self, image: ChunkFiles, max_value: float, classes: ChunkFiles | None) -> None:
+        self.image, self.scale, self.classes = image, 255.0 / max_value, classes
+
+    def __call__(self, cy: int, cx: int, blended: np.ndarray, weights: np.ndarray) -> None:
+        self.image.write((0, cy, cx), np.clip(np.rint(blended * self.scale), 0, 255).astype(np.uint8))
+        if self.classes is not None:
+            labels = (blended.argmax(axis=0) + 1).astype(np.uint8)
+            labels[weights <= 0] = 0
+            self.classes.write((cy, cx), labels)
+
+
+class ResultLayout:
+    """Creates the arrays for ``card``'s outputs and hands out one sink per dense output."""
+
+    def __init__(self, writer: ResultWriter, card: ModelCard, plan: TilePlan,
+                 extra_dense: list[OutputSpec] | None = None) -> None:
+        self.writer, self.card, self.plan = writer, card, plan
+        self.dense = [o for o in card.outputs if o.kind == "dense"] + list(extra_dense or [])
+        self.per_tile = [o for o in card.outputs if o.kind == "per_tile"]
+        self.sinks: dict[str, DenseSink] = {}
+        for index, output in enumerate(self.dense):
+            group = "" if index == 0 else output.name
+            image = writer.create_image(group, output.name, channel_specs(card, output))
+            classes = None
+            if index == 0 and output.channels == "classes":
+                classes = writer.chunk_files(writer.create_label(LabelSpec(
+                    "classes",
+                    {i + 1: (c.name, hex_to_rgba(c.color)) for i, c in enumerate(card.classes)},
+                )))
+            self.sinks[output.name] = DenseSink(writer.chunk_files(image), output.max_value, classes)
+        self.tile_grids = {
+            o.name: np.full((len(card.classes), plan.n_rows, plan.n_cols), np.nan, np.float32)
+            for o in self.per_tile
+        }
+
+    def add_tile_vector(self, name: str, tile: Tile, values: np.ndarray) -> None:
+        self.tile_grids[name][:, tile.row, tile.col] = values
+
+    def write_tile_grids(self) -> None:
+        """Per-tile outputs as (C, rows, cols) images: one pixel per tile, placed at the
+        tiles' kept centres (scale = tile stride, translation = half the kept size)."""
+        g = self.plan.geometry
+        mpp = self.plan.target_mpp
+        for name, grid in self.tile_grids.items():
+            self.writer.write_tile_grid(
+                name, grid, [ChannelSpec(c.name, c.color) for c in self.card.classes],
+                scale_um=g.stride_px * mpp, offset_um=(g.kept_px / 2 - 0.5) * mpp,
+            )
