@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -295,3 +296,40 @@ def test_bad_merger_input() -> None:
         merger.aggregate(np.ones((3, 32, 32), np.float32), (0, 0))
     with pytest.raises(InvalidParameter, match="does not match the window"):
         merger.aggregate(np.ones((2, 16, 16), np.float32), (0, 0))
+
+
+def test_strips_with_spill_keep_memory_independent_of_width(tmp_path: Path) -> None:
+    """Tiles in vertical strips with chunks parked on disk: the result equals the dense
+    reference, every chunk is sunk once, nothing is left in the spill folder, and the
+    open chunks stay the same when the canvas gets four times wider."""
+    chunk, tile, stride, strip_cols = 64, 48, 32, 6
+
+    def run(width: int) -> tuple[int, int]:
+        shape = (512, width)
+        boxes = grid_boxes(shape, tile, stride, 0)
+        strip = [b[1] // stride // strip_cols for b in boxes]
+        order = sorted(range(len(boxes)), key=lambda i: (strip[i], boxes[i][0], boxes[i][1]))
+        boxes = [boxes[i] for i in order]
+        rng = np.random.default_rng(width)
+        tiles = [rng.random((2, tile, tile), dtype=np.float32) for _ in boxes]
+        window = weight_window(tile, tile)
+        canvas = Canvas(2, shape, chunk)
+        spill = tmp_path / f"spill-{width}"
+        spill.mkdir()
+        merger = StreamingMerger(channels=2, shape=shape, chunk_px=chunk, boxes=boxes,
+                                 window=window, sink=canvas, spill_dir=spill,
+                                 horizon=2 * strip_cols + 2)
+        for t, (y, x, _, _) in zip(tiles, boxes):
+            merger.aggregate(t, (y, x))
+        merger.finalize()
+        expected, _ = dense_reference(2, shape, boxes, tiles, window)
+        np.testing.assert_allclose(canvas.values, expected, rtol=1e-5, atol=1e-6)
+        assert set(canvas.sunk.values()) == {1}
+        assert list(spill.iterdir()) == []
+        assert merger.chunks_spilled > 0
+        return merger.peak_open_chunks, merger.chunks_spilled
+
+    narrow, _ = run(1024)
+    wide, spilled = run(4096)
+    assert wide == narrow, f"open chunks grew with the width: {narrow} -> {wide}"
+    assert wide < 4096 // chunk, "fewer chunks open than one row of the wide canvas"

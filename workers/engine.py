@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -38,6 +39,14 @@ from wsi.tissue import TissueMask, TissueParams, tissue_mask
 log = logging.getLogger(__name__)
 
 THUMBNAIL_PX = 1024
+#: Tiles are processed in vertical strips this many output chunks wide, so that the
+#: blending state is a few chunk rows of one strip, not of the whole slide width.
+STRIP_CHUNKS = 8
+
+
+def strip_px(chunk_px: int, geometry: TileGeometry) -> int:
+    """Strip width on the target grid: STRIP_CHUNKS output chunks, at least one stride."""
+    return max(geometry.stride_px, STRIP_CHUNKS * chunk_px * geometry.output_stride)
 TISSUE_RGBA = (0, 200, 0, 110)
 
 
@@ -138,6 +147,7 @@ def run_engine(
             plan = plan_tiles(
                 width=width, height=height, target_mpp=target_mpp, slide_mpp=slide_mpp,
                 geometry=geometry, mask=mask, min_tissue_fraction=spec.min_tissue_fraction,
+                strip_px=strip_px(spec.chunk_px, geometry),
             )
         with timer.stage("load_model"):
             loaded = load_model(card, weights=spec.weights)
@@ -215,13 +225,19 @@ def _infer(
     g = plan.geometry
     boxes = [plan.output_box(t) for t in plan.tiles]
     window = weight_window(g.output_tile_px, g.output_tile_px, kind=spec.window)
-    mergers = {
-        output.name: StreamingMerger(
+    # a chunk on a strip's right edge waits a whole strip for its neighbours: park it
+    # on disk rather than in memory once its next tile is more than ~2 strip rows away
+    spill = tempfile.TemporaryDirectory(prefix=".slidepipe-spill-", dir=spec.out_path.parent)
+    strip_cols = max(1, strip_px(spec.chunk_px, g) // g.stride_px)
+    mergers = {}
+    for output in layout.dense:
+        spill_dir = Path(spill.name) / output.name
+        spill_dir.mkdir()
+        mergers[output.name] = StreamingMerger(
             channels=layout.sinks[output.name].image.chunks[0], shape=plan.output_shape,
             chunk_px=spec.chunk_px, boxes=boxes, window=window, sink=layout.sinks[output.name],
+            spill_dir=spill_dir, horizon=2 * strip_cols + 2,
         )
-        for output in layout.dense
-    }
     handoff: queue.Queue = queue.Queue(maxsize=2)
     failure: list[BaseException] = []
 
@@ -269,5 +285,6 @@ def _infer(
     finally:
         handoff.put(ending)
         blender.join()
+        spill.cleanup()
     if failure:
         raise failure[0]

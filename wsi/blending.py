@@ -5,12 +5,17 @@ falls towards its border, accumulated as a weighted sum and a weight sum, and di
 Accumulation is per output chunk and streaming: the merger knows every tile box in
 advance, counts how many tiles still touch each chunk, and hands a chunk to ``sink`` as
 soon as that count reaches zero. With tiles in row-major order, memory is bounded by
-about two rows of chunks, never by the slide's area.
+about two rows of chunks, never by the slide's area. With tiles in vertical strips (see
+``wsi.tiling.plan_tiles(strip_px=...)``) and a ``spill_dir``, a chunk that no tile will
+touch for more than ``horizon`` tiles (the strip's right edge, waiting for the next
+strip) is parked on disk, so memory is a few rows of one strip, whatever the width.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -71,6 +76,8 @@ class StreamingMerger:
         boxes: Sequence[tuple[int, int, int, int]],
         window: np.ndarray,
         sink: ChunkSink,
+        spill_dir: Path | None = None,
+        horizon: int = 0,
     ) -> None:
         if channels < 1 or chunk_px < 1 or min(shape) < 1:
             raise InvalidParameter(
@@ -84,11 +91,21 @@ class StreamingMerger:
         n_cy = -(-self.height // chunk_px)
         n_cx = -(-self.width // chunk_px)
         self._pending = np.zeros((n_cy, n_cx), dtype=np.int32)
-        for box in boxes:
+        self.spill_dir, self.horizon = spill_dir, horizon
+        # for spilling: which tiles (by arrival index) touch each chunk, in order
+        self._touches: dict[tuple[int, int], deque[int]] = {}
+        for index, box in enumerate(boxes):
             span = self._chunk_span(box)
             if span is not None:
                 cy0, cy1, cx0, cx1 = span
                 self._pending[cy0:cy1, cx0:cx1] += 1
+                if spill_dir is not None:
+                    for cy in range(cy0, cy1):
+                        for cx in range(cx0, cx1):
+                            self._touches.setdefault((cy, cx), deque()).append(index)
+        self._arrived = 0
+        self._spilled: set[tuple[int, int]] = set()
+        self.chunks_spilled = 0
         self._sums: dict[tuple[int, int], np.ndarray] = {}
         self._weights: dict[tuple[int, int], np.ndarray] = {}
         self.chunks_written = 0
@@ -138,6 +155,8 @@ class StreamingMerger:
                     )
                 key = (cy, cx)
                 ch, cw = self._chunk_shape(cy, cx)
+                if key in self._spilled:
+                    self._unspill(key)
                 if key not in self._sums:
                     self._sums[key] = np.zeros((self.channels, ch, cw), dtype=np.float32)
                     self._weights[key] = np.zeros((ch, cw), dtype=np.float32)
@@ -154,6 +173,31 @@ class StreamingMerger:
                 self._pending[cy, cx] -= 1
                 if self._pending[cy, cx] == 0:
                     self._flush(key)
+                elif self.spill_dir is not None:
+                    self._maybe_spill(key)
+        self._arrived += 1
+
+    def _maybe_spill(self, key: tuple[int, int]) -> None:
+        """Park a chunk on disk when its next tile is more than ``horizon`` tiles away."""
+        touches = self._touches[key]
+        while touches and touches[0] <= self._arrived:
+            touches.popleft()
+        if touches and touches[0] - self._arrived > self.horizon:
+            assert self.spill_dir is not None
+            stem = self.spill_dir / f"{key[0]}_{key[1]}"
+            np.save(stem.with_suffix(".sum.npy"), self._sums.pop(key))
+            np.save(stem.with_suffix(".weight.npy"), self._weights.pop(key))
+            self._spilled.add(key)
+            self.chunks_spilled += 1
+
+    def _unspill(self, key: tuple[int, int]) -> None:
+        assert self.spill_dir is not None
+        stem = self.spill_dir / f"{key[0]}_{key[1]}"
+        for suffix, store in ((".sum.npy", self._sums), (".weight.npy", self._weights)):
+            path = stem.with_suffix(suffix)
+            store[key] = np.load(path)
+            path.unlink()
+        self._spilled.discard(key)
 
     def _flush(self, key: tuple[int, int]) -> None:
         sums = self._sums.pop(key)

@@ -146,10 +146,14 @@ def plan_tiles(
     geometry: TileGeometry,
     mask: TissueMask | None,
     min_tissue_fraction: float = 0.1,
+    strip_px: int | None = None,
 ) -> TilePlan:
     """Lay a grid over a ``width`` x ``height`` target-grid slide and keep tissue tiles.
 
-    With ``mask=None`` every tile is kept (tissue fraction reported as 1).
+    With ``mask=None`` every tile is kept (tissue fraction reported as 1). Tiles come in
+    row-major order, or, with ``strip_px``, in vertical strips about that wide, each
+    strip top to bottom: what a streaming merger needs to keep open then depends on
+    the strip's width, not the slide's.
     """
     geometry.validate()
     if width < 1 or height < 1:
@@ -160,6 +164,12 @@ def plan_tiles(
     n_cols = grid_count(width, g.kept_px, g.stride_px)
     n_rows = grid_count(height, g.kept_px, g.stride_px)
     rows, cols = np.divmod(np.arange(n_rows * n_cols), n_cols)
+    if strip_px is not None:
+        if strip_px < g.stride_px:
+            raise InvalidParameter(f"strip_px must be at least the stride {g.stride_px}, got {strip_px}")
+        strip_cols = max(1, strip_px // g.stride_px)
+        order = np.lexsort((cols, rows, cols // strip_cols))
+        rows, cols = rows[order], cols[order]
     kept_x = cols * g.stride_px
     kept_y = rows * g.stride_px
     if mask is None:
