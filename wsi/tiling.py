@@ -5,7 +5,11 @@ model's ``target_mpp``); each tile also carries its level-0 origin for provenanc
 for readers that need it. A model may drop ``output_crop_px`` input pixels on every
 side (a valid-padding U-Net, a kept centre) and emit one output pixel per
 ``output_stride`` input pixels; the plan places tiles so that the *kept* regions tile
-the slide edge to edge, and tiles that run off the slide are padded by the reader.
+the slide edge to edge. The last tile of a row or column is shifted back so that it ends
+at the slide's edge (as MONAI's sliding window does) instead of running off it: a model
+then sees real tissue, not padding, at the slide border. Only a slide smaller than one
+tile (and a cropping model's margin beyond the border) is padded, with white, by the
+reader.
 """
 
 from __future__ import annotations
@@ -118,6 +122,16 @@ def grid_count(length_px: int, kept_px: int, stride_px: int) -> int:
     return math.ceil((length_px - kept_px) / stride_px) + 1
 
 
+def axis_starts(length_px: int, count: int, g: TileGeometry) -> np.ndarray:
+    """Kept-region starts along one axis: a regular stride, the last one shifted back to
+    end at the edge (rounded up to the output stride, so outputs stay on their grid)."""
+    starts = np.arange(count, dtype=np.int64) * g.stride_px
+    if count > 1:
+        s = g.output_stride
+        starts[-1] = min(starts[-1], -(-(length_px - g.kept_px) // s) * s)
+    return starts
+
+
 def tissue_fractions(
     mask: TissueMask, boxes: np.ndarray, target_mpp: float, width: int, height: int
 ) -> np.ndarray:
@@ -170,8 +184,8 @@ def plan_tiles(
         strip_cols = max(1, strip_px // g.stride_px)
         order = np.lexsort((cols, rows, cols // strip_cols))
         rows, cols = rows[order], cols[order]
-    kept_x = cols * g.stride_px
-    kept_y = rows * g.stride_px
+    kept_x = axis_starts(width, n_cols, g)[cols]
+    kept_y = axis_starts(height, n_rows, g)[rows]
     if mask is None:
         fractions = np.ones(len(rows))
     else:

@@ -1,0 +1,185 @@
+"""Our streaming blend against MONAI's sliding_window_inference, same image, same model.
+
+    python bench/blend.py [--sizes 1536,4096,8192] [--tile 256] [--overlap 64]
+
+The model is one seeded segmentation-models-pytorch U-Net (ResNet-18 encoder, depth 3),
+the same weights for every method. The image is real H&E (cmu_small_region, mirrored to
+the size). Methods, each in a fresh process so that its peak RSS is its own:
+
+- ``monai-constant`` / ``monai-gaussian``: ``sliding_window_inference`` on the image as a
+  float tensor in memory (as MONAI users hold it), output canvas in memory.
+- ``slidepipe-tent`` / ``slidepipe-gaussian``: ``run_engine`` on the same pixels stored
+  as a lossless pyramidal TIFF: it reads tiles from disk, blends chunk by chunk and
+  writes uint8 OME-Zarr (whole job timed, inference stage reported too).
+
+For the smallest size the seam error is measured: mean absolute difference of each
+method's class-1 probability from one whole-image pass of the same model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import cache_dir, run_child, table  # noqa: E402
+
+GIB = 2**30
+MPP = 1.0
+
+
+def card_for(folder: Path, tile: int, overlap: int) -> Path:
+    """A seeded 2-class U-Net written as a model card + weights (cached)."""
+    import torch
+
+    from models.architectures import build_module
+    from models.card import IMAGENET, ClassSpec, ModelCard
+    from models.registry import save_weights
+
+    card_path = folder / "card.json"
+    if card_path.is_file():
+        return card_path
+    torch.manual_seed(0)
+    card = ModelCard(
+        name="bench-unet", architecture="unet", weights="weights.safetensors",
+        classes=[ClassSpec(name="a", color="000000"), ClassSpec(name="b", color="FF00FF")],
+        target_mpp=MPP, tile_px=tile, overlap_px=overlap, normalization=IMAGENET,
+        params={"encoder_name": "resnet18", "encoder_depth": 3, "decoder_channels": [32, 16, 8]},
+    )
+    save_weights(build_module(card), folder / "weights.safetensors")
+    return card.save(folder)
+
+
+def image_for(size: int) -> tuple[Path, Path]:
+    """The benchmark image as .npy (for MONAI) and as a lossless slide (for the engine)."""
+    import numpy as np
+
+    from workers.sample_data import fetch_cmu_small_region
+    from wsi.reader import Slide
+    from wsi.synthetic import ArraySource, write_pyramidal_tiff
+
+    npy, slide = cache_dir() / f"blend-{size}.npy", cache_dir() / f"blend-{size}.svs"
+    if not (npy.is_file() and slide.is_file()):
+        with Slide(fetch_cmu_small_region()) as s:
+            rgb = s.read_level(0, 0, 0, *s.dimensions)
+        source = ArraySource(rgb)
+        image = source(0, 0, 0, size, size)
+        np.save(npy, image)
+        write_pyramidal_tiff(slide, width=size, height=size, mpp=MPP, tile_source=ArraySource(image),
+                             downsamples=(1, 4), compression="deflate")
+    return npy, slide
+
+
+def child_monai(npy: str, card: str, mode: str, out: str) -> None:
+    import numpy as np
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    from models.card import read_card
+    from models.registry import load_model
+
+    c = read_card(Path(card))
+    model = load_model(c).module.eval()
+    image = np.load(npy)
+    mean = torch.tensor(c.normalization.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(c.normalization.std).view(1, 3, 1, 1) * 255
+    start = time.perf_counter()
+    with torch.inference_mode():
+        x = (torch.from_numpy(image).permute(2, 0, 1)[None].float() - mean) / std
+        y = sliding_window_inference(x, roi_size=(c.tile_px, c.tile_px), sw_batch_size=8,
+                                     predictor=model, overlap=c.overlap_px / c.tile_px, mode=mode,
+                                     padding_mode="constant", cval=0.0)
+        p = torch.softmax(y, 1)[0, 1].numpy()
+    seconds = time.perf_counter() - start
+    np.save(out, p.astype(np.float32)) if out != "-" else None
+    print(json.dumps({"seconds": seconds}))
+
+
+def child_ours(slide: str, card: str, window: str, out: str) -> None:
+    import numpy as np
+    import zarr
+
+    from workers.engine import run_engine
+    from workers.spec import RunSpec
+
+    result = Path(tempfile.mkdtemp(prefix="bench-blend-")) / "r.zarr"
+    start = time.perf_counter()
+    r = run_engine(RunSpec(slide_path=Path(slide), model=card, out_path=result, window=window,
+                           tissue_method="none", device="cpu", batch_size=8))
+    seconds = time.perf_counter() - start
+    if out != "-":
+        np.save(out, np.asarray(zarr.open_group(str(result), mode="r")["0"][1]).astype(np.float32) / 255)
+    shutil.rmtree(result.parent, ignore_errors=True)
+    print(json.dumps({"seconds": seconds, "infer_s": r.timings_s["infer"]}))
+
+
+def whole_pass(npy: Path, card: Path) -> object:
+    import numpy as np
+
+    from models.card import read_card
+    from models.predictor import Predictor
+    from models.registry import load_model
+
+    image = np.load(npy)
+    predictor = Predictor(load_model(read_card(card)), device="cpu")
+    h, w = image.shape[:2]
+    ph, pw = -(-h // 32) * 32, -(-w // 32) * 32
+    padded = np.zeros((ph, pw, 3), np.uint8)  # MONAI pads with 0 after normalisation
+    padded[:h, :w] = image
+    return predictor(padded[None])["probabilities"][0, 1, :h, :w]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1536,4096,8192")
+    parser.add_argument("--tile", type=int, default=256)
+    parser.add_argument("--overlap", type=int, default=64)
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, a, b, c, d = args.child
+        (child_monai if kind == "monai" else child_ours)(a, b, c, d)
+        return
+    import numpy as np
+
+    card = card_for(cache_dir() / f"blend-unet-{args.tile}-{args.overlap}", args.tile, args.overlap)
+    methods = [("monai-constant", "monai", "constant"), ("monai-gaussian", "monai", "gaussian"),
+               ("slidepipe-tent", "ours", "tent"), ("slidepipe-gaussian", "ours", "gaussian")]
+    rows, figures = [], []
+    sizes = [int(s) for s in args.sizes.split(",")]
+    for size in sizes:
+        npy, slide = image_for(size)
+        reference = whole_pass(npy, card) if size == sizes[0] else None
+        measured = {}
+        for name, kind, mode in methods:
+            out = str(cache_dir() / f"blend-out-{name}.npy") if reference is not None else "-"
+            src = str(npy) if kind == "monai" else str(slide)
+            report, rss = run_child(["bench/blend.py", "--child", kind, src, str(card), mode, out])
+            seam = seam8 = None
+            if reference is not None:
+                p = np.load(out)
+                seam = float(np.abs(p - reference).mean())
+                # like for like: our result is stored as uint8, so quantise theirs too
+                seam8 = float(np.abs(np.rint(p * 255) / 255 - reference).mean())
+            measured[name] = (report, rss, seam, seam8)
+            figures.append({"size": size, "method": name, "peak_rss": rss, "seam_mae": seam,
+                            "seam_mae_uint8": seam8, **report})
+        base_t, base_rss = measured["monai-gaussian"][0]["seconds"], measured["monai-gaussian"][1]
+        for name, (report, rss, seam, seam8) in measured.items():
+            rows.append([f"{size:,}", name, f"{report['seconds']:.1f}",
+                         f"{base_t / report['seconds']:.2f}x", f"{rss / GIB:.2f}",
+                         f"{rss / base_rss:.2f}x", "" if seam is None else f"{seam:.4f}",
+                         "" if seam8 is None else f"{seam8:.4f}"])
+    print(table(["image px", "method", "wall s", "speed vs monai-gaussian", "peak RSS GiB",
+                 "RSS vs monai-gaussian", "seam MAE", "seam MAE as uint8"], rows))
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
