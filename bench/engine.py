@@ -1,6 +1,6 @@
 """Engine throughput against the raw decode ceiling, on one slide, in one run.
 
-    python bench/engine.py [--size 8192] [--threads N] [--model identity]
+    python bench/engine.py [--size 8192] [--unet-size 4096] [--threads N] [--skip-unet]
 
 1. The tile list: the engine's own plan (tissue mask + grid) for the identity model.
 2. Raw ``read_region`` tiles/s for openslide and tiffslide on exactly those tiles, with
@@ -8,6 +8,9 @@
 3. The engine (``run_engine`` with ``identity``) on the same slide and tiles with N read
    threads: tiles/s of its inference stage (read + model + blend + write overlapped)
    and of the whole job, and the ratio to the best raw rate.
+4. A seeded U-Net (ResNet-18, 256 px tiles): its own forward rate on pre-decoded
+   batches, then the engine with it on the same tiles: the ratio engine/model says
+   how well the pipeline hides decoding and blending behind the model on this CPU.
 """
 
 from __future__ import annotations
@@ -18,60 +21,13 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import real_tissue_slide, table  # noqa: E402
-
-
-def plan_for(slide_path: Path, model: str):  # type: ignore[no-untyped-def]
-    from models.registry import resolve_card
-    from wsi.reader import Slide
-    from wsi.tiling import TileGeometry, plan_tiles
-    from wsi.tissue import tissue_mask
-
-    card = resolve_card(model)
-    with Slide(slide_path) as slide:
-        mpp = slide.grid_mpp(card.target_mpp)
-        width, height = slide.scaled_dimensions(mpp)
-        geometry = TileGeometry(card.tile_px, card.overlap_px, card.output_crop_px, card.output_stride)
-        return plan_tiles(width=width, height=height, target_mpp=mpp, slide_mpp=slide.mpp,
-                          geometry=geometry, mask=tissue_mask(slide))
-
-
-def raw_rate(slide_path: Path, backend: str, tiles: list, tile_px: int, threads: int) -> float:
-    """Tiles/s of the library's own read_region over ``tiles`` (level 0), ``threads`` handles."""
-    import numpy as np
-    import openslide
-    import tiffslide
-
-    local = threading.local()
-    opened = []
-
-    def read(tile) -> int:  # type: ignore[no-untyped-def]
-        handle = getattr(local, "h", None)
-        if handle is None:
-            handle = (openslide.OpenSlide if backend == "openslide" else tiffslide.TiffSlide)(str(slide_path))
-            local.h = handle
-            opened.append(handle)
-        if backend == "openslide":
-            region = np.asarray(handle.read_region((tile.x0, tile.y0), 0, (tile_px, tile_px)))
-        else:
-            region = handle.read_region((tile.x0, tile.y0), 0, (tile_px, tile_px), as_array=True)
-        return int(region.shape[0])
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        for _ in pool.map(read, tiles, chunksize=8):
-            pass
-    elapsed = time.perf_counter() - start
-    for handle in opened:
-        handle.close()
-    return len(tiles) / elapsed
+from bench.read import measure_all, plan_for  # noqa: E402
 
 
 def engine_rate(slide_path: Path, model: str, backend: str, threads: int, weights: Path | None) -> dict:
@@ -90,37 +46,92 @@ def engine_rate(slide_path: Path, model: str, backend: str, threads: int, weight
             "timings": result.timings_s}
 
 
+def unet_card(folder: Path) -> Path:
+    """A seeded U-Net (ResNet-18 encoder, smp defaults) card, 256 px tiles at 0.5 µm/px."""
+    import torch
+
+    from models.architectures import build_module
+    from models.card import IMAGENET, ClassSpec, ModelCard
+    from models.registry import save_weights
+
+    if (folder / "card.json").is_file():
+        return folder / "card.json"
+    torch.manual_seed(0)
+    card = ModelCard(
+        name="bench-unet-r18", architecture="unet", weights="weights.safetensors",
+        classes=[ClassSpec(name="a", color="000000"), ClassSpec(name="b", color="FF00FF")],
+        target_mpp=0.5, tile_px=256, overlap_px=32, normalization=IMAGENET,
+        params={"encoder_name": "resnet18"},
+    )
+    save_weights(build_module(card), folder / "weights.safetensors")
+    return card.save(folder)
+
+
+def forward_rate(card_path: Path, slide: Path, tiles: list, batch_size: int) -> float:
+    """The model's own rate on pre-decoded batches (normalisation and softmax included)."""
+    import numpy as np
+
+    from models.card import read_card
+    from models.predictor import Predictor
+    from models.registry import load_model
+    from wsi.reader import Slide
+
+    card = read_card(card_path)
+    with Slide(slide) as s:
+        pixels = np.stack([s.read_scaled(card.target_mpp, t.x, t.y, card.tile_px, card.tile_px)
+                           for t in tiles])
+    predictor = Predictor(load_model(card), device="cpu")
+    predictor(pixels[:batch_size])  # warm-up
+    start = time.perf_counter()
+    for i in range(0, len(pixels), batch_size):
+        predictor(pixels[i : i + batch_size])
+    return len(pixels) / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=8192, help="slide side in pixels (real tissue, mirrored)")
+    parser.add_argument("--unet-size", type=int, default=4096, help="slide side for the U-Net part")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--skip-unet", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
     slide = real_tissue_slide(args.size)
     plan = plan_for(slide, "identity")
     tiles, tile_px = plan.tiles, plan.geometry.tile_px
-    print(f"slide {slide.name}: {args.size}x{args.size} px, {len(tiles)} tissue tiles of {tile_px} px")
-    rows, raw = [], {}
-    for backend in ("openslide", "tiffslide"):
-        for threads in sorted({1, args.threads}):
-            raw_rate(slide, backend, tiles[:64], tile_px, threads)  # warm the page cache
-            rate = raw_rate(slide, backend, tiles, tile_px, threads)
-            raw[(backend, threads)] = rate
-            rows.append([f"raw read_region {backend}", threads, f"{rate:.0f}", ""])
+    print(f"identity: slide {slide.name}, {len(tiles)} tissue tiles of {tile_px} px")
+    raw = measure_all(slide, tiles, tile_px, args.threads)
+    rows = [[f"raw read_region {b}", n, f"{r:.0f}", ""] for (b, n), r in raw.items()]
     best_key = max(raw, key=raw.get)  # type: ignore[arg-type]
     best = raw[best_key]
-    figures = {"slide_px": args.size, "tiles": len(tiles), "raw_tiles_per_s": {f"{b}/{t}": r for (b, t), r in raw.items()}}
+    figures: dict = {"slide_px": args.size, "tiles": len(tiles),
+                     "raw_tiles_per_s": {f"{b}/{t}": r for (b, t), r in raw.items()}}
     for backend in ("openslide", "tiffslide"):
         e = engine_rate(slide, "identity", backend, args.threads, None)
         infer_rate, job_rate = e["tiles"] / e["infer_s"], e["tiles"] / e["total_s"]
         rows.append([f"engine identity ({backend}), infer stage", args.threads, f"{infer_rate:.0f}",
-                     f"{infer_rate / best:.2f}x"])
+                     f"{infer_rate / best:.2f}x best raw"])
         rows.append([f"engine identity ({backend}), whole job", args.threads, f"{job_rate:.0f}",
-                     f"{job_rate / best:.2f}x"])
+                     f"{job_rate / best:.2f}x best raw"])
         figures[f"engine_{backend}"] = {**e, "infer_tiles_per_s": infer_rate, "job_tiles_per_s": job_rate,
                                         "ratio_infer_vs_best_raw": infer_rate / best}
-    print(table(["what", "threads", "tiles/s", f"vs best raw ({best_key[0]}/{best_key[1]})"], rows))
+    if not args.skip_unet:
+        from bench._common import cache_dir
+
+        card = unet_card(cache_dir() / "engine-unet-r18")
+        uslide = real_tissue_slide(args.unet_size)
+        uplan = plan_for(uslide, str(card))
+        model_rate = forward_rate(card, uslide, uplan.tiles, 8)
+        e = engine_rate(uslide, str(card), "auto", args.threads, None)
+        infer_rate = e["tiles"] / e["infer_s"]
+        rows.append(["unet forward on pre-decoded batches", "-", f"{model_rate:.1f}", ""])
+        rows.append(["engine unet, infer stage", args.threads, f"{infer_rate:.1f}",
+                     f"{infer_rate / model_rate:.2f}x model"])
+        figures["unet"] = {"tiles": len(uplan.tiles), "model_tiles_per_s": model_rate,
+                           "engine": e, "ratio_engine_vs_model": infer_rate / model_rate}
+    print(table(["what", "threads", "tiles/s", "ratio"], rows))
+    print(f"best raw: {best_key[0]} with {best_key[1]} threads, {best:.0f} tiles/s")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 
