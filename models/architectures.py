@@ -51,12 +51,32 @@ def build_unet(card: ModelCard) -> nn.Module:
         raise ModelCardInvalid(f"cannot build unet from card {card.name!r}: {err}") from err
 
 
+def build_joint(card: ModelCard) -> nn.Module:
+    from models.joint import JointSegClassNet
+
+    allowed = {"seg_channels", "cls_channels", "upsample"}
+    unknown = set(card.params) - allowed
+    if unknown:
+        raise ModelCardInvalid(f"joint card {card.name!r} has unknown params {sorted(unknown)}")
+    if card.params.get("upsample", "bilinear") not in ("bilinear", "nearest"):
+        raise ModelCardInvalid(f"joint card {card.name!r}: upsample must be bilinear or nearest")
+    names = [o.name for o in card.outputs]
+    if names[0] != "probabilities" or not set(names) <= {"probabilities", "tile_scores"}:
+        raise ModelCardInvalid(
+            f"joint card {card.name!r} outputs probabilities (dense, first) and optionally "
+            f"tile_scores (per_tile); its card declares {names}"
+        )
+    return JointSegClassNet(len(card.classes), **card.params)
+
+
 def build_module(card: ModelCard) -> nn.Module:
     """The untrained module for ``card.architecture``."""
     if card.architecture == "identity":
         return IdentityModel(card.output_crop_px, card.output_stride)
     if card.architecture == "unet":
         return build_unet(card)
+    if card.architecture == "joint":
+        return build_joint(card)
     raise ModelCardInvalid(
         f"architecture {card.architecture!r} of card {card.name!r} is not available in this build"
     )

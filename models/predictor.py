@@ -5,7 +5,9 @@ array per output the card declares: ``(n, C, h', w')`` for dense outputs (class
 probabilities first), ``(n, C)`` for per-tile outputs. A module may return one tensor
 (taken as the first output) or a dict of tensors keyed by output name. On CUDA the batch goes through pinned memory with a non-blocking
 copy, the model runs channels-last under autocast (bf16 where supported), and only the
-(smaller) output comes back; on CPU it runs in float32.
+(smaller) output comes back; on CPU it runs in float32. With ``tta=True`` every batch
+runs under the 8 flips/90° rotations, the outputs are averaged, and the per-pixel
+variance of the first dense output across those passes comes back as ``variance``.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from models.card import ACTIVATED_OUTPUTS, ModelCard
+from models.card import ACTIVATED_OUTPUTS, ModelCard, OutputSpec
 from models.errors import ModelCardInvalid
 from models.registry import LoadedModel
 
 log = logging.getLogger(__name__)
+
+#: The extra dense output of test-time augmentation: per-class variance across passes.
+VARIANCE = "variance"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -41,8 +46,10 @@ def resolve_device(device: str) -> torch.device:
 class Predictor:
     """Callable: uint8 NHWC batch -> float32 NCHW model output with the card's activation."""
 
-    def __init__(self, loaded: LoadedModel, *, device: str = "auto", amp: bool | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, *, device: str = "auto", amp: bool | None = None,
+                 tta: bool = False) -> None:
         self.card: ModelCard = loaded.card
+        self.tta = tta
         self.device = resolve_device(device)
         self.module = loaded.module.to(self.device).eval()
         on_cuda = self.device.type == "cuda"
@@ -76,13 +83,19 @@ class Predictor:
         else:
             # numpy's transpose+cast is ~4x faster than torch's on CPU for this layout
             x = torch.from_numpy(self._normalise_cpu(batch))
+        if not self.tta:
+            return {name: y.cpu().numpy() for name, y in self._forward(x).items()}
+        return self._forward_tta(x)
+
+    def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One pass: every declared output, float32, activated where it is logits."""
         autocast = (
             torch.autocast(device_type="cuda", dtype=self.amp_dtype) if self.amp else nullcontext()
         )
         with autocast:
             raw = self.module(x)
         named = raw if isinstance(raw, dict) else {self.card.outputs[0].name: raw}
-        outputs: dict[str, np.ndarray] = {}
+        outputs: dict[str, torch.Tensor] = {}
         for spec in self.card.outputs:
             if spec.name not in named:
                 raise ModelCardInvalid(
@@ -92,7 +105,46 @@ class Predictor:
             y = named[spec.name].float()
             if spec.name in ACTIVATED_OUTPUTS:
                 y = self._activate(y)
-            outputs[spec.name] = y.cpu().numpy()
+            outputs[spec.name] = y
+        return outputs
+
+    @property
+    def extra_outputs(self) -> list[OutputSpec]:
+        """Dense outputs the predictor adds to the card's: with TTA, ``variance``."""
+        if not self.tta:
+            return []
+        root = self.card.outputs[0]
+        return [OutputSpec(name=VARIANCE, channels=root.channels,
+                           max_value=root.max_value**2 / 4)]
+
+    def _forward_tta(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+        """Test-time augmentation: the mean of every output over the flips and 90°
+        rotations of each tile (8 passes; 4 flips only for non-square tiles), each pass
+        mapped back onto the tile, and the per-pixel, per-class variance of the root
+        (first dense) output across the passes as ``variance``."""
+        square = x.shape[-1] == x.shape[-2]
+        transforms = [(k, f) for k in (range(4) if square else (0, 2)) for f in (False, True)]
+        dense = {s.name for s in self.card.outputs if s.kind == "dense"}
+        root = self.card.outputs[0].name
+        sums: dict[str, torch.Tensor] = {}
+        squares: torch.Tensor | None = None
+        for k, flip in transforms:
+            xt = torch.rot90(x, k, dims=(-2, -1))
+            if flip:
+                xt = xt.flip(-1)
+            for name, y in self._forward(xt).items():
+                if name in dense:  # undo the transform on the output
+                    if flip:
+                        y = y.flip(-1)
+                    y = torch.rot90(y, -k, dims=(-2, -1))
+                sums[name] = sums[name] + y if name in sums else y
+                if name == root:
+                    squares = y * y if squares is None else squares + y * y
+        n = len(transforms)
+        outputs = {name: (total / n).cpu().numpy() for name, total in sums.items()}
+        assert squares is not None
+        mean = sums[root] / n
+        outputs[VARIANCE] = (squares / n - mean * mean).clamp_(min=0).cpu().numpy()
         return outputs
 
     def _activate(self, y: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from models.architectures import build_module
-from models.card import CARD_FILE, IMAGENET, ClassSpec, ModelCard, read_card
+from models.card import CARD_FILE, IMAGENET, ClassSpec, ModelCard, OutputSpec, read_card
 from models.errors import CheckpointUnreadable, UnknownModel
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,26 @@ BUILTIN_CARDS: dict[str, ModelCard] = {
         overlap_px=64,
         normalization=IMAGENET,
         params={"encoder_name": "resnet18"},
+    ),
+    "joint": ModelCard(
+        name="joint",
+        architecture="joint",
+        description="Joint classification-segmentation ResNet-18 (Ciga & Martel, 'Learning "
+        "to segment images with classification labels'): 128 px patches at 1.25x (8 µm/px), "
+        "BACH classes; a segmentation map and per-tile class scores. Needs a weights file "
+        "(slidepipe train joint, or slidepipe models init).",
+        classes=[
+            ClassSpec(name="normal", color="00A000"),
+            ClassSpec(name="benign", color="FFD000"),
+            ClassSpec(name="in situ", color="FF8000"),
+            ClassSpec(name="invasive", color="E00000"),
+        ],
+        target_mpp=8.0,
+        tile_px=128,
+        overlap_px=32,
+        normalization=IMAGENET,
+        outputs=[OutputSpec(name="probabilities"),
+                 OutputSpec(name="tile_scores", kind="per_tile")],
     ),
 }
 

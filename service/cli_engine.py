@@ -78,6 +78,7 @@ def run_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--read-workers", type=int, default=2, show_default=True, help="Tile-decoding threads."),
         click.option("--model-dir", type=click.Path(path_type=Path), envvar="SLIDEPIPE_MODEL_DIR", help="Folder of named models (<name>/card.json)."),
         click.option("--overwrite", is_flag=True, help="Replace an existing result."),
+        click.option("--tta", is_flag=True, help="Test-time augmentation: average flips and 90° rotations per tile, and store the per-pixel variance as an extra map."),
     ]
     for option in reversed(options):
         f = option(f)

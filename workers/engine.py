@@ -151,13 +151,13 @@ def run_engine(
             )
         with timer.stage("load_model"):
             loaded = load_model(card, weights=spec.weights)
-            predictor = Predictor(loaded, device=spec.device)
+            predictor = Predictor(loaded, device=spec.device, tta=spec.tta)
             predictor.check_output_geometry(geometry.tile_px, geometry.output_tile_px)
 
         out_h, out_w = plan.output_shape
         writer = ResultWriter(tmp, height=out_h, width=out_w, mpp=plan.output_mpp,
                               chunk_px=spec.chunk_px)
-        layout = ResultLayout(writer, card, plan)
+        layout = ResultLayout(writer, card, plan, extra_dense=predictor.extra_outputs)
         tissue = writer.create_label(LabelSpec("tissue", {1: ("tissue", TISSUE_RGBA)}))
 
         with timer.stage("infer"):

@@ -62,6 +62,7 @@ class JobParams(BaseModel):
     min_tissue_fraction: float = Field(default=0.1, ge=0, le=1)
     window: Literal["tent", "gaussian", "constant"] = "tent"
     chunk_px: int = Field(default=512, ge=64, le=4096)
+    tta: bool = Field(default=False, description="test-time augmentation + variance map")
 
     @model_validator(mode="after")
     def _overlap_below_tile(self) -> JobParams:

@@ -38,6 +38,7 @@ class RunSpec:
     chunk_px: int = 512
     read_workers: int = 2
     overwrite: bool = False
+    tta: bool = False  # test-time augmentation (flips, 90° rotations) + a variance map
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
