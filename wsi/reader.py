@@ -9,6 +9,7 @@ so that both backends give the same pixels for the same request.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from types import TracebackType
@@ -201,16 +202,25 @@ class Slide:
         return self.read_level_resized(level, tw, th)
 
     def read_level_resized(
-        self, level: int, width: int, height: int, *, band_px: int = 512
+        self,
+        level: int,
+        width: int,
+        height: int,
+        *,
+        band_pixels: int = 1 << 22,
+        channel: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> np.ndarray:
         """A whole level resized to (width, height), read in horizontal bands.
 
-        Memory is one band of the level plus the small output, so a single-level
-        100k-pixel slide can still be reduced to a mask or thumbnail.
+        Memory is one band of about ``band_pixels`` level pixels plus the small output,
+        so a single-level 100k-pixel slide can still be reduced to a mask or thumbnail. ``channel`` maps
+        each resized RGB band to one uint8 channel (e.g. saturation) so that only that
+        channel of the whole view is ever held.
         """
         lw, lh = self.level_dimensions[level]
-        out = np.empty((height, width, 3), dtype=np.uint8)
-        rows_per_band = max(band_px, math.ceil(lh / height))
+        shape = (height, width) if channel is not None else (height, width, 3)
+        out = np.empty(shape, dtype=np.uint8)
+        rows_per_band = max(math.ceil(lh / height), band_pixels // lw, 1)
         y = 0
         while y < lh:
             y_end = min(y + rows_per_band, lh)
@@ -218,7 +228,8 @@ class Slide:
             if oy1 > oy0:
                 band = self.read_level(level, 0, y, lw, y_end - y)
                 interpolation = cv2.INTER_AREA if lw >= width else cv2.INTER_LINEAR
-                out[oy0:oy1] = cv2.resize(band, (width, oy1 - oy0), interpolation=interpolation)
+                resized = cv2.resize(band, (width, oy1 - oy0), interpolation=interpolation)
+                out[oy0:oy1] = resized if channel is None else channel(resized)
             y = y_end
         return out
 

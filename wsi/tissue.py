@@ -68,46 +68,70 @@ def _odd(n: float) -> int:
     return k if k % 2 == 1 else k + 1
 
 
-def threshold_tissue(rgb: np.ndarray, method: str, min_threshold: int) -> np.ndarray:
-    """Raw Otsu foreground of an RGB image (before any morphology)."""
+def threshold_channel(rgb: np.ndarray, method: str) -> np.ndarray:
+    """The uint8 channel Otsu thresholds: HSV saturation, or inverted grey (dark = high)."""
     if method == "hsv-otsu":
-        channel = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1]
-        polarity = cv2.THRESH_BINARY  # saturated = tissue
-    elif method == "grey-otsu":
-        channel = 255 - cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-        polarity = cv2.THRESH_BINARY  # dark = tissue, so invert first
-    else:
-        raise InvalidParameter(f"unknown tissue method {method!r}")
-    otsu, _ = cv2.threshold(channel, 0, 255, polarity | cv2.THRESH_OTSU)
+        return cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1]
+    if method == "grey-otsu":
+        return 255 - cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    raise InvalidParameter(f"unknown tissue method {method!r}")
+
+
+def otsu_foreground(channel: np.ndarray, min_threshold: int) -> np.ndarray:
+    """Pixels above Otsu's threshold (never below ``min_threshold``)."""
+    otsu, _ = cv2.threshold(channel, 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
     return channel > max(otsu, min_threshold)
 
 
+def threshold_tissue(rgb: np.ndarray, method: str, min_threshold: int) -> np.ndarray:
+    """Raw Otsu foreground of an RGB image (before any morphology)."""
+    return otsu_foreground(threshold_channel(rgb, method), min_threshold)
+
+
+def _components(binary: np.ndarray, connectivity: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """Connected components with 16-bit labels when they fit (half the memory of a
+    full-resolution int32 label image), else 32-bit."""
+    try:
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=connectivity,
+                                                               ltype=cv2.CV_16U)
+    except cv2.error:  # more than 65535 components
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=connectivity,
+                                                               ltype=cv2.CV_32S)
+    return n, labels, stats
+
+
 def clean_mask(mask: np.ndarray, mpp: float, params: TissueParams) -> np.ndarray:
-    """Median blur, closing, hole filling and small-object removal (sizes in µm)."""
-    m = mask.astype(np.uint8) * 255
-    m = cv2.medianBlur(m, _odd(params.median_um / mpp))
+    """Median blur, closing, hole filling and small-object removal (sizes in µm).
+
+    ``mask`` is boolean or uint8 (non-zero = tissue). Temporaries are freed as soon as
+    possible: on a 100k-pixel slide each one is tens of megabytes.
+    """
+    m = cv2.medianBlur(np.where(mask, np.uint8(255), np.uint8(0)), _odd(params.median_um / mpp))
     close_px = _odd(params.closing_um / mpp)
     if close_px > 1:
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (close_px, close_px))
-        m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, kernel)
+        cv2.morphologyEx(m, cv2.MORPH_CLOSE, kernel, dst=m)
     px_area = mpp * mpp
     # holes: background components that do not touch the border and are small enough
-    n, labels, stats, _ = cv2.connectedComponentsWithStats((m == 0).astype(np.uint8), 4)
+    n, labels, stats = _components(cv2.bitwise_not(m), 4)
     h, w = m.shape
     x, y = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]
     bw, bh = stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT]
     touches_border = (x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)
     fill = ~touches_border & (stats[:, cv2.CC_STAT_AREA] * px_area <= params.max_hole_um2)
     fill[0] = False  # label 0 is the foreground itself
-    m[fill[labels]] = 255
-    n, labels, stats, _ = cv2.connectedComponentsWithStats((m > 0).astype(np.uint8), 8)
+    if fill.any():
+        m[fill[labels]] = 255
+    del labels
+    n, labels, stats = _components(m, 8)
+    del m
     keep = np.zeros(n, dtype=bool)
     keep[1:] = stats[1:, cv2.CC_STAT_AREA] * px_area >= params.min_object_um2
     return keep[labels]
 
 
-def working_view(slide: Slide, working_mpp: float) -> tuple[np.ndarray, float]:
-    """The slide at about ``working_mpp`` (RGB) and its exact mpp."""
+def _view_geometry(slide: Slide, working_mpp: float) -> tuple[int, int, int, float]:
+    """(level, width, height, mpp) of the slide viewed at about ``working_mpp``."""
     w0, h0 = slide.dimensions
     factor = max(1.0, working_mpp / slide.mpp)
     width, height = max(1, round(w0 / factor)), max(1, round(h0 / factor))
@@ -115,19 +139,30 @@ def working_view(slide: Slide, working_mpp: float) -> tuple[np.ndarray, float]:
         (lvl for lvl, ds in enumerate(slide.level_downsamples) if ds <= factor * 1.01),
         key=lambda lvl: slide.level_downsamples[lvl],
     )
-    rgb = slide.read_level_resized(level, width, height)
-    return rgb, slide.mpp * w0 / width
+    return level, width, height, slide.mpp * w0 / width
+
+
+def working_view(slide: Slide, working_mpp: float) -> tuple[np.ndarray, float]:
+    """The slide at about ``working_mpp`` (RGB) and its exact mpp."""
+    level, width, height, mpp = _view_geometry(slide, working_mpp)
+    return slide.read_level_resized(level, width, height), mpp
 
 
 def tissue_mask(slide: Slide, params: TissueParams | None = None) -> TissueMask:
-    """Find tissue on ``slide`` at about ``params.working_mpp``."""
+    """Find tissue on ``slide`` at about ``params.working_mpp``.
+
+    Only the thresholded channel of the working view is held, never its RGB, so the
+    mask's memory is one byte per working pixel plus the morphology's temporaries.
+    """
     params = params or TissueParams()
     params.validate()
+    level, width, height, mpp = _view_geometry(slide, params.working_mpp)
     if params.method == "none":
-        factor = max(1.0, params.working_mpp / slide.mpp)
-        w0, h0 = slide.dimensions
-        width, height = max(1, round(w0 / factor)), max(1, round(h0 / factor))
-        return TissueMask(mask=np.ones((height, width), dtype=bool), mpp=slide.mpp * w0 / width)
-    rgb, mpp = working_view(slide, params.working_mpp)
-    raw = threshold_tissue(rgb, params.method, params.min_threshold)
-    return TissueMask(mask=clean_mask(raw, mpp, params), mpp=mpp)
+        return TissueMask(mask=np.ones((height, width), dtype=bool), mpp=mpp)
+    channel = slide.read_level_resized(
+        level, width, height, channel=lambda rgb: threshold_channel(rgb, params.method)
+    )
+    otsu, _ = cv2.threshold(channel, 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
+    # in place: the channel becomes the 0/255 foreground (no second full-size array)
+    cv2.threshold(channel, max(otsu, params.min_threshold), 255, cv2.THRESH_BINARY, dst=channel)
+    return TissueMask(mask=clean_mask(channel, mpp, params), mpp=mpp)
