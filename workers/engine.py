@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.card import ModelCard
 from models.predictor import Predictor
 from models.registry import load_model, resolve_card, sha256_file
 from workers.provenance import jsonable, package_versions, utc_now
@@ -42,6 +43,19 @@ THUMBNAIL_PX = 1024
 #: Tiles are processed in vertical strips this many output chunks wide, so that the
 #: blending state is a few chunk rows of one strip, not of the whole slide width.
 STRIP_CHUNKS = 8
+
+
+def run_geometry(card: ModelCard, tile_px: int | None, overlap_px: int | None) -> TileGeometry:
+    """The validated tile geometry of a run: the job's tile size and overlap where
+    given, the card's otherwise; crop and output stride always the card's."""
+    geometry = TileGeometry(
+        tile_px=tile_px if tile_px is not None else card.tile_px,
+        overlap_px=overlap_px if overlap_px is not None else card.overlap_px,
+        output_crop_px=card.output_crop_px,
+        output_stride=card.output_stride,
+    )
+    geometry.validate()
+    return geometry
 
 
 def strip_px(chunk_px: int, geometry: TileGeometry) -> int:
@@ -126,13 +140,7 @@ def run_engine(
     with timer.stage("open"):
         report(Progress("open", 0, 1))
         card = resolve_card(spec.model, spec.model_dir)
-        geometry = TileGeometry(
-            tile_px=spec.tile_px if spec.tile_px is not None else card.tile_px,
-            overlap_px=spec.overlap_px if spec.overlap_px is not None else card.overlap_px,
-            output_crop_px=card.output_crop_px,
-            output_stride=card.output_stride,
-        )
-        geometry.validate()
+        geometry = run_geometry(card, spec.tile_px, spec.overlap_px)
         slide = Slide(spec.slide_path, backend=spec.backend, slide_mpp=spec.slide_mpp)
     with slide, _staged(spec.out_path, spec.overwrite) as tmp:
         slide_mpp = slide.mpp  # raises SlideMissingMpp early, before any work

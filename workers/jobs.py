@@ -16,10 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.errors import UnknownModel
 from models.registry import resolve_card
+from workers.engine import run_geometry
 from workers.spec import Progress
 from workers.store import BatchRow, JobRow, JobStore, SlideRow
 from wsi.errors import InvalidParameter, SlideMissingMpp
-from wsi.tiling import MAX_TILE_PX, TileGeometry
+from wsi.tiling import MAX_TILE_PX
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +103,7 @@ def check_model(model: str, model_dir: Path | None) -> None:
 
 def check_params(model: str, params: JobParams, model_dir: Path | None) -> None:
     """Validate the tile geometry the run will use (job values over the card's)."""
-    card = resolve_card(model, model_dir)
-    geometry = TileGeometry(
-        tile_px=params.tile_px if params.tile_px is not None else card.tile_px,
-        overlap_px=params.overlap_px if params.overlap_px is not None else card.overlap_px,
-        output_crop_px=card.output_crop_px,
-        output_stride=card.output_stride,
-    )
-    geometry.validate()
+    run_geometry(resolve_card(model, model_dir), params.tile_px, params.overlap_px)
 
 
 def check_slides(store: JobStore, owner: str, slide_ids: Sequence[str], params: JobParams) -> None:
