@@ -32,11 +32,14 @@ class DenseSink:
         self.image, self.scale, self.classes = image, 255.0 / max_value, classes
 
     def __call__(self, cy: int, cx: int, blended: np.ndarray, weights: np.ndarray) -> None:
-        self.image.write((0, cy, cx), np.clip(np.rint(blended * self.scale), 0, 255).astype(np.uint8))
-        if self.classes is not None:
+        if self.classes is not None:  # argmax before the in-place scaling below
             labels = (blended.argmax(axis=0) + 1).astype(np.uint8)
             labels[weights <= 0] = 0
             self.classes.write((cy, cx), labels)
+        # the merger hands over a buffer it no longer needs: scale it in place
+        np.multiply(blended, self.scale, out=blended)
+        np.clip(blended, 0, 255, out=blended)
+        self.image.write((0, cy, cx), np.rint(blended, out=blended).astype(np.uint8))
 
 
 class ResultLayout:

@@ -161,9 +161,11 @@ class Slide:
         if width < 1 or height < 1:
             raise InvalidParameter(f"region size must be positive, got {width}x{height}")
         lw, lh = self.level_dimensions[level]
-        out = np.full((height, width, 3), WHITE, dtype=np.uint8)
         x_lo, y_lo = max(x, 0), max(y, 0)
         x_hi, y_hi = min(x + width, lw), min(y + height, lh)
+        if (x_lo, y_lo, x_hi, y_hi) == (x, y, x + width, y + height):  # inside: no canvas
+            return composite_on_white(self._backend.read(x, y, level, width, height))
+        out = np.full((height, width, 3), WHITE, dtype=np.uint8)
         if x_hi <= x_lo or y_hi <= y_lo:
             return out
         region = self._backend.read(x_lo, y_lo, level, x_hi - x_lo, y_hi - y_lo)
