@@ -36,14 +36,15 @@ def real_tissue_slide(size_px: int, flavor: str = "svs") -> Path:
     return path
 
 
-def banded_slide(size_px: int, tissue_fraction: float = 0.1) -> Path:
+def banded_slide(size_px: int, tissue_fraction: float = 0.1, mpp: float = 0.5) -> Path:
     """A mostly-background slide with tissue bands, cached."""
     from wsi.synthetic import write_banded_slide
 
-    path = cache_dir() / f"banded-{size_px}-{tissue_fraction:g}.svs"
+    path = cache_dir() / f"banded-{size_px}-{tissue_fraction:g}-{mpp:g}.svs"
     if not path.is_file():
         partial = path.with_name(path.name + ".partial")
-        write_banded_slide(partial, width=size_px, height=size_px, tissue_fraction=tissue_fraction)
+        write_banded_slide(partial, width=size_px, height=size_px, tissue_fraction=tissue_fraction,
+                           mpp=mpp)
         partial.rename(path)
     return path
 

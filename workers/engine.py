@@ -26,12 +26,14 @@ import numpy as np
 from models.card import ModelCard
 from models.predictor import Predictor
 from models.registry import load_model, resolve_card, sha256_file
+from models.stain_transfer import StainedPredictor
 from workers.provenance import jsonable, package_versions, utc_now
 from workers.result_layout import ResultLayout
 from workers.spec import CancelCheck, Progress, ProgressCallback, RunCancelled, RunResult, RunSpec
+from workers.stain_steps import build_stain_step, describe_steps
 from wsi.blending import StreamingMerger, weight_window
 from wsi.errors import InvalidParameter, OutputExists
-from wsi.ome_zarr import LabelSpec, ResultWriter
+from wsi.ome_zarr import ChunkFiles, LabelSpec, ResultWriter
 from wsi.reader import Slide
 from wsi.tile_loader import TileBatchLoader
 from wsi.tiling import TileGeometry, TilePlan, plan_tiles
@@ -71,6 +73,8 @@ def _validate(spec: RunSpec) -> None:
         raise InvalidParameter(f"chunk_px must be in [64, 4096], got {spec.chunk_px}")
     if not 1 <= spec.read_workers <= 64:
         raise InvalidParameter(f"read_workers must be in [1, 64], got {spec.read_workers}")
+    if spec.stain_output and not spec.stain:
+        raise InvalidParameter("stain_output stores a stain step's output: give a stain step")
     if spec.target_mpp is not None and not 0 < spec.target_mpp <= 256:
         raise InvalidParameter(f"target_mpp must be in (0, 256] µm/px, got {spec.target_mpp}")
 
@@ -110,18 +114,23 @@ class _Timer:
             self.timings[name] = round(time.perf_counter() - start, 4)
 
 
-def write_tissue_label(array, mask: TissueMask, plan: TilePlan, band_px: int) -> None:  # type: ignore[no-untyped-def]
-    """The tissue mask, nearest-resampled onto the output grid, written band by band."""
+def write_tissue_label(tissue: ChunkFiles, mask: TissueMask, plan: TilePlan) -> None:
+    """The tissue mask, nearest-resampled onto the output grid, one chunk at a time
+    (a full-width band of a 100k-pixel output would be tens of megabytes)."""
     height, width = plan.output_shape
+    ch, cw = tissue.chunks
     ratio = plan.output_mpp / mask.mpp
     mh, mw = mask.mask.shape
     cols = np.minimum(((np.arange(width) + 0.5) * ratio).astype(np.int64), mw - 1)
-    for y0 in range(0, height, band_px):
-        y1 = min(y0 + band_px, height)
-        rows = np.minimum(((np.arange(y0, y1) + 0.5) * ratio).astype(np.int64), mh - 1)
-        band = mask.mask[rows][:, cols]
-        if band.any():
-            array[y0:y1, :] = band.astype(np.uint8)
+    for cy in range(-(-height // ch)):
+        rows = np.arange(cy * ch, min((cy + 1) * ch, height))
+        rows = np.minimum(((rows + 0.5) * ratio).astype(np.int64), mh - 1)
+        band = mask.mask[rows]  # mask rows only: (chunk rows, mask width)
+        if not band.any():
+            continue
+        for cx in range(-(-width // cw)):
+            block = band[:, cols[cx * cw : (cx + 1) * cw]]
+            tissue.write((cy, cx), block.astype(np.uint8))
 
 
 def run_engine(
@@ -161,6 +170,13 @@ def run_engine(
             loaded = load_model(card, weights=spec.weights)
             predictor = Predictor(loaded, device=spec.device, tta=spec.tta)
             predictor.check_output_geometry(geometry.tile_px, geometry.output_tile_px)
+        stain = None
+        if spec.stain:  # a stain step before the model, in the same pass over the tiles
+            with timer.stage("stain_fit"):
+                stain = build_stain_step(spec.stain, slide=slide, plan=plan,
+                                         model_dir=spec.model_dir, device=spec.device,
+                                         reference=spec.stain_reference)
+                predictor = StainedPredictor(stain, predictor, keep_stained=spec.stain_output)
 
         out_h, out_w = plan.output_shape
         writer = ResultWriter(tmp, height=out_h, width=out_w, mpp=plan.output_mpp,
@@ -173,7 +189,7 @@ def run_engine(
         with timer.stage("pyramid"):
             report(Progress("pyramid", 0, 1))
             layout.write_tile_grids()
-            write_tissue_label(tissue, mask, plan, spec.chunk_px)
+            write_tissue_label(writer.chunk_files(tissue), mask, plan)
             writer.build_pyramids(workers=spec.read_workers)
             thumb = slide.thumbnail(THUMBNAIL_PX)
             writer.write_small_image(
@@ -187,6 +203,7 @@ def run_engine(
             "finished": utc_now(),
             "model_card": card.model_dump(mode="json"),
             "weights_sha256": loaded.weights_sha256,
+            "steps": describe_steps(stain, card, loaded.weights_sha256),
             "parameters": jsonable(spec.to_dict()),
             "effective": {
                 "target_mpp": target_mpp, "tile_px": geometry.tile_px,
