@@ -77,6 +77,10 @@ def build_module(card: ModelCard) -> nn.Module:
         return build_unet(card)
     if card.architecture == "joint":
         return build_joint(card)
+    if card.architecture == "cyclegan":
+        from models.cyclegan import build_cyclegan
+
+        return build_cyclegan(card)
     raise ModelCardInvalid(
         f"architecture {card.architecture!r} of card {card.name!r} is not available in this build"
     )

@@ -127,8 +127,8 @@ class Predictor:
         dense = {s.name for s in self.card.outputs if s.kind == "dense"}
         root = self.card.outputs[0].name
         sums: dict[str, torch.Tensor] = {}
-        squares: torch.Tensor | None = None
-        for k, flip in transforms:
+        mean = m2 = None  # Welford's running mean and squared deviations of the root output
+        for n, (k, flip) in enumerate(transforms, start=1):
             xt = torch.rot90(x, k, dims=(-2, -1))
             if flip:
                 xt = xt.flip(-1)
@@ -139,12 +139,15 @@ class Predictor:
                     y = torch.rot90(y, -k, dims=(-2, -1))
                 sums[name] = sums[name] + y if name in sums else y
                 if name == root:
-                    squares = y * y if squares is None else squares + y * y
-        n = len(transforms)
-        outputs = {name: (total / n).cpu().numpy() for name, total in sums.items()}
-        assert squares is not None
-        mean = sums[root] / n
-        outputs[VARIANCE] = (squares / n - mean * mean).clamp_(min=0).cpu().numpy()
+                    if mean is None or m2 is None:
+                        mean, m2 = y.clone(), torch.zeros_like(y)
+                    else:
+                        delta = y - mean
+                        mean += delta / n
+                        m2 += delta * (y - mean)
+        outputs = {name: (total / len(transforms)).cpu().numpy() for name, total in sums.items()}
+        assert m2 is not None
+        outputs[VARIANCE] = (m2 / len(transforms)).clamp_(min=0).cpu().numpy()
         return outputs
 
     def _activate(self, y: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from torch import nn
 
 from models.architectures import build_module
 from models.card import CARD_FILE, IMAGENET, ClassSpec, ModelCard, OutputSpec, read_card
+from models.cyclegan import cyclegan_card
 from models.errors import CheckpointUnreadable, UnknownModel
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,12 @@ BUILTIN_CARDS: dict[str, ModelCard] = {
                  OutputSpec(name="tile_scores", kind="per_tile")],
     ),
 }
+BUILTIN_CARDS["cyclegan"] = cyclegan_card(
+    "cyclegan",
+    description="Stain-transforming CycleGAN generator (de Bel et al., MIDL 2019), depth 3, "
+    "32 filters: 2048 px tiles, the central 1024 kept, stride 512. Needs a weights file "
+    "(slidepipe train cyclegan writes one card per direction).",
+)
 
 
 def _looks_like_path(name: str) -> bool:

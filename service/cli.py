@@ -1,7 +1,8 @@
 """The ``slidepipe`` command: one click group; each command lives in its own module.
 
 Engine commands (``run``, ``heatmap``, ``models``, ``demo``) are in ``service.cli_engine``;
-service commands (``serve``, ``worker``, ``up``) are in ``service.cli_service``.
+service commands (``serve``, ``worker``, ``up``) are in ``service.cli_service``;
+``train`` is in ``service.cli_train``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import click
 from service.cli_engine import COMMANDS as ENGINE_COMMANDS
 from service.cli_engine import setup_logging
 from service.cli_service import serve, up, worker
+from service.cli_stain import train_cyclegan
+from service.cli_train import COMMANDS as TRAIN_COMMANDS
+from service.cli_train import train_group
 
 
 @click.group()
@@ -21,7 +25,8 @@ def main(verbose: bool) -> None:
     setup_logging(verbose)
 
 
-for _command in (*ENGINE_COMMANDS, serve, worker, up):
+train_group.add_command(train_cyclegan)  # train cyclegan (service.cli_stain)
+for _command in (*ENGINE_COMMANDS, *TRAIN_COMMANDS, serve, worker, up):
     main.add_command(_command)
 
 

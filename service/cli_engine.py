@@ -79,6 +79,9 @@ def run_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--model-dir", type=click.Path(path_type=Path), envvar="SLIDEPIPE_MODEL_DIR", help="Folder of named models (<name>/card.json)."),
         click.option("--overwrite", is_flag=True, help="Replace an existing result."),
         click.option("--tta", is_flag=True, help="Test-time augmentation: average flips and 90° rotations per tile, and store the per-pixel variance as an extra map."),
+        click.option("--stain", help="Stain step before the model, in the same pass over the tiles: 'macenko' or a cyclegan model name/card."),
+        click.option("--stain-reference", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Macenko's target stain: an image (a tile) or a slide (default: the built-in H&E reference)."),
+        click.option("--stain-output", is_flag=True, help="Also store the stained RGB in the result (image group 'stained')."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -91,7 +94,9 @@ def run_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="Result .zarr to write.")
 @run_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def run_command(slide: Path, model: str, out_path: Path, quiet: bool, **options: Any) -> None:
+@click.option("--export-tiff", type=click.Path(dir_okay=False, path_type=Path), help="Also write the result's RGB image (a cyclegan model's output, or --stain-output) as a pyramidal SVS that slide viewers open.")
+def run_command(slide: Path, model: str, out_path: Path, quiet: bool,
+                export_tiff: Path | None = None, **options: Any) -> None:
     """Run MODEL over SLIDE's tissue and write an OME-Zarr result."""
     from workers.engine import run_engine
 
@@ -106,6 +111,14 @@ def run_command(slide: Path, model: str, out_path: Path, quiet: bool, **options:
         f"wrote {result.out_path} ({result.tiles_total} tiles, classes: "
         f"{', '.join(result.classes)}) in {sum(result.timings_s.values()):.1f}s"
     )
+    if export_tiff is not None:
+        from wsi.tiff_export import export_rgb_tiff
+
+        with user_errors():
+            info = export_rgb_tiff(result.out_path, export_tiff)
+        width, height = info.dimensions
+        click.echo(f"wrote {info.path} ({width} x {height} px, {info.mpp:g} µm/px, "
+                   f"{len(info.downsamples)} levels)")
 
 
 @click.command("heatmap")
@@ -151,6 +164,34 @@ def models_list(model_dir: Path | None, as_json: bool) -> None:
             f"{card.target_mpp:g} µm/px  tile {card.tile_px}/{card.overlap_px}  "
             f"classes: {', '.join(card.class_names)}"
         )
+
+
+@models_group.command("init")
+@click.argument("architecture", metavar="NAME", type=click.Choice(["unet", "joint"]))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Model folder to write (card.json + weights.safetensors).")
+@click.option("--classes", multiple=True, help="Class names in order, comma-separated or repeated; name:RRGGBB sets a colour (default: the built-in card's).")
+@click.option("--name", help="Card name (default: the folder's name, so SLIDEPIPE_MODEL_DIR finds it).")
+@click.option("--mpp", "target_mpp", type=float, help="Resolution the model runs at, µm/px.")
+@click.option("--tile-size", "tile_px", type=int, help="Tile size in px.")
+@click.option("--encoder", help="unet: segmentation-models-pytorch encoder (default resnet18).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def models_init(architecture: str, out_dir: Path, classes: tuple[str, ...], name: str | None,
+                target_mpp: float | None, tile_px: int | None, encoder: str | None,
+                seed: int) -> None:
+    """Write a NAME (unet, joint) card with freshly initialised weights to --out: a
+    starting point for training, and what smoke tests and benchmarks run."""
+    from workers.seg_training import init_model, parse_classes
+
+    if (out_dir / "card.json").exists():
+        raise click.ClickException(f"{out_dir / 'card.json'} already exists")
+    with user_errors():
+        try:
+            card_path, n = init_model(architecture, out_dir, name=name,
+                                      classes=parse_classes(classes), seed=seed,
+                                      target_mpp=target_mpp, tile_px=tile_px, encoder=encoder)
+        except ValueError as err:  # pydantic: a bad name, colour or size
+            raise click.ClickException(str(err)) from err
+    click.echo(f"wrote {card_path} ({architecture}, {n:,} params, seed {seed})")
 
 
 COMMANDS = (run_command, heatmap_command, models_group)

@@ -175,7 +175,7 @@ def run_engine(
             with timer.stage("stain_fit"):
                 stain = build_stain_step(spec.stain, slide=slide, plan=plan,
                                          model_dir=spec.model_dir, device=spec.device,
-                                         reference=spec.stain_reference)
+                                         reference=spec.stain_reference, mask=mask)
                 predictor = StainedPredictor(stain, predictor, keep_stained=spec.stain_output)
 
         out_h, out_w = plan.output_shape

@@ -18,6 +18,7 @@ from models.errors import UnknownModel
 from models.registry import resolve_card
 from workers.engine import run_geometry
 from workers.spec import Progress
+from workers.stain_steps import MACENKO, check_stain, stain_kind
 from workers.store import BatchRow, JobRow, JobStore, SlideRow
 from wsi.errors import InvalidParameter, SlideMissingMpp
 from wsi.tiling import MAX_TILE_PX
@@ -64,6 +65,16 @@ class JobParams(BaseModel):
     window: Literal["tent", "gaussian", "constant"] = "tent"
     chunk_px: int = Field(default=512, ge=64, le=4096)
     tta: bool = Field(default=False, description="test-time augmentation + variance map")
+    stain: str | None = Field(
+        default=None, min_length=1, max_length=64,
+        description="stain step before the model, in the same pass: 'macenko' or the name "
+        "of a cyclegan model")
+    stain_reference_slide: str | None = Field(
+        default=None, max_length=64,
+        description="Macenko only: the id of one of your slides whose stain is the target "
+        "(default: the built-in H&E reference)")
+    stain_output: bool = Field(
+        default=False, description="also store the stained RGB (image group 'stained')")
 
     @model_validator(mode="after")
     def _overlap_below_tile(self) -> JobParams:
@@ -104,6 +115,21 @@ def check_model(model: str, model_dir: Path | None) -> None:
 def check_params(model: str, params: JobParams, model_dir: Path | None) -> None:
     """Validate the tile geometry the run will use (job values over the card's)."""
     run_geometry(resolve_card(model, model_dir), params.tile_px, params.overlap_px)
+    check_stain_params(params, model_dir)
+
+
+def check_stain_params(params: JobParams, model_dir: Path | None) -> None:
+    """A stain step must be Macenko or a cyclegan model *name* (no server paths)."""
+    if params.stain is None:
+        if params.stain_output or params.stain_reference_slide:
+            raise InvalidParameter("stain_output and stain_reference_slide need a stain step")
+        return
+    if stain_kind(params.stain) == MACENKO:
+        return
+    if params.stain_reference_slide:
+        raise InvalidParameter("stain_reference_slide applies to the Macenko stain step only")
+    check_model(params.stain, model_dir)
+    check_stain(params.stain, model_dir)
 
 
 def check_slides(store: JobStore, owner: str, slide_ids: Sequence[str], params: JobParams) -> None:
@@ -143,6 +169,8 @@ def submit(
     check_model(model, model_dir)
     check_params(model, params, model_dir)
     check_slides(store, owner, slide_ids, params)
+    if params.stain_reference_slide is not None:
+        get_slide(store, owner, params.stain_reference_slide)  # NotFound for another owner's
     stored_params = params.model_dump(exclude_defaults=False)
     batch_row, jobs = store.create_jobs(owner, slide_ids, model, stored_params, batch=batch)
     for index, job in enumerate(jobs):

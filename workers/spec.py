@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-PATH_FIELDS = ("slide_path", "out_path", "weights", "model_dir")
+PATH_FIELDS = ("slide_path", "out_path", "weights", "model_dir", "stain_reference")
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,11 @@ class RunSpec:
     read_workers: int = 2
     overwrite: bool = False
     tta: bool = False  # test-time augmentation (flips, 90° rotations) + a variance map
+    #: A stain step run on each tile batch before the model, in the same pass: "macenko"
+    #: or the name/path of a cyclegan model card.
+    stain: str | None = None
+    stain_reference: Path | None = None  # Macenko's reference image or slide (default: built-in H&E)
+    stain_output: bool = False  # also store the stained RGB (image group "stained") in the result
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

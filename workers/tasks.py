@@ -31,7 +31,7 @@ from workers.jobs import progress_percent
 from workers.settings import Settings, get_settings
 from workers.spec import Progress, RunCancelled, RunSpec
 from workers.store import ClaimOutcome, JobRow, JobStatus, JobStore, SlideRow
-from wsi.errors import SlideError
+from wsi.errors import InvalidParameter, SlideError
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,18 @@ def result_rel_path(job_id: str) -> str:
     return f"results/{job_id}.zarr"
 
 
-def build_spec(job: JobRow, slide: SlideRow, settings: Settings) -> RunSpec:
-    """The engine's view of a job: stored parameters plus server-side paths and device."""
+def build_spec(
+    job: JobRow, slide: SlideRow, settings: Settings, reference: SlideRow | None = None
+) -> RunSpec:
+    """The engine's view of a job: stored parameters plus server-side paths and device.
+
+    ``reference`` is the slide ``stain_reference_slide`` names (Macenko's target stain).
+    """
     params = {k: v for k, v in (job.params or {}).items() if v is not None}
+    if params.pop("stain_reference_slide", None) is not None:
+        if reference is None:
+            raise InvalidParameter("the stain reference slide of this job is gone")
+        params["stain_reference"] = str(settings.data_dir / reference.rel_path)
     return RunSpec.from_dict(
         {
             **params,
@@ -222,7 +231,9 @@ def execute_job(
                 info: dict[str, Any] = {"reused": True}
             else:
                 remove_partials(out_path)
-                spec = build_spec(job, slide, settings)
+                ref_id = (job.params or {}).get("stain_reference_slide")
+                reference = store.get_slide_any_owner(ref_id) if ref_id else None
+                spec = build_spec(job, slide, settings, reference)
                 result = run_engine(spec, progress=run.progress, cancel=run.should_stop)
                 info = {
                     "tiles_total": result.tiles_total,

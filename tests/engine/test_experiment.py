@@ -1,0 +1,41 @@
+"""The learning experiment (``python -m workers.experiments.joint_vs_masks``) in miniature:
+same slides, same protocol, two training steps per arm. The real figures take minutes
+(see the README); this checks the protocol itself: every arm sees the same masked
+patches, only the joint arm sees the label-only ones, and the held-out slide is
+spatially separate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from workers.experiments.joint_vs_masks import ExperimentConfig, format_table, run_experiment
+
+
+def test_experiment_protocol_in_miniature(cmu_svs: Path, tmp_path: Path) -> None:
+    config = ExperimentConfig(out_dir=tmp_path, source=cmu_svs, crop=(400, 500, 1000, 1600),
+                              mpp=1.0, patch_px=64, train_stride=32, test_stride=64,
+                              mask_fraction=0.1, steps=2, batch_size=2, label_batch=2,
+                              labels="region")
+    results = run_experiment(config)
+    assert json.loads((tmp_path / "results.json").read_text())["summary"] == results["summary"]
+    runs = {r["arm"]: r for r in results["runs"]}
+    assert set(runs) == {"joint", "joint-masks-only", "unet-masks-only"}
+    n_train = results["train_patches"]["patches"]
+    masked = runs["joint"]["train"]["with_mask"]
+    assert masked == max(1, round(0.1 * n_train)) and runs["joint"]["train"]["label_only"] == n_train - masked
+    for arm in ("joint-masks-only", "unet-masks-only"):
+        assert runs[arm]["train"] == {"patches": masked, "with_mask": masked, "with_label": 0,
+                                      "label_only": 0, "groups": 1}
+    assert "cls" in runs["joint"]["heldout"] and "cls" not in runs["unet-masks-only"]["heldout"]
+    for run in runs.values():
+        assert 0 <= run["heldout"]["seg"]["mean_dice"] <= 1
+        assert np.isfinite(run["loss_first"]) and np.isfinite(run["loss_last"])
+    # two slides: the held-out one is the rows below the training one
+    slides = sorted(p.name for p in (tmp_path / "slides").iterdir())
+    assert slides == ["heldout.mask.png", "heldout.svs", "train.mask.png", "train.svs"]
+    assert results["heldout_patches"]["patches"] > 0
+    table = format_table(results["summary"])
+    assert table.count("\n") == 4 and "background / stroma / cellular" in table

