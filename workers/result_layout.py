@@ -8,6 +8,7 @@ float32 image whose pixels are tiles.
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 from models.card import ModelCard, OutputSpec
@@ -32,14 +33,41 @@ class DenseSink:
         self.image, self.scale, self.classes = image, 255.0 / max_value, classes
 
     def __call__(self, cy: int, cx: int, blended: np.ndarray, weights: np.ndarray) -> None:
-        if self.classes is not None:  # argmax before the in-place scaling below
-            labels = (blended.argmax(axis=0) + 1).astype(np.uint8)
-            labels[weights <= 0] = 0
+        if self.classes is not None:
+            labels = class_map(blended)
+            labels += 1
+            labels *= weights > 0
             self.classes.write((cy, cx), labels)
-        # the merger hands over a buffer it no longer needs: scale it in place
-        np.multiply(blended, self.scale, out=blended)
-        np.clip(blended, 0, 255, out=blended)
-        self.image.write((0, cy, cx), np.rint(blended, out=blended).astype(np.uint8))
+        self.image.write((0, cy, cx), to_uint8(blended, self.scale))
+
+
+def class_map(scores: np.ndarray) -> np.ndarray:
+    """``scores.argmax(axis=0)`` as uint8 (first index on ties), for (C, h, w) scores.
+
+    Why not argmax: along the first axis of a C-contiguous block numpy walks with a
+    stride of h*w and takes ~15x longer; a running maximum over the C planes with a
+    branch-free index update vectorises."""
+    if len(scores) > 255:
+        raise ValueError(f"at most 255 classes fit a uint8 class map, got {len(scores)}")
+    best = scores[0].copy()
+    index = np.zeros(scores.shape[1:], np.uint8)
+    step = np.empty_like(index)
+    for c in range(1, len(scores)):
+        higher = np.greater(scores[c], best)
+        np.subtract(np.uint8(c), index, out=step)  # (c - index) * higher, mod 256
+        np.multiply(step, higher, out=step)
+        index += step
+        np.maximum(best, scores[c], out=best)
+    return index
+
+
+def to_uint8(values: np.ndarray, scale: float) -> np.ndarray:
+    """``rint(clip(values * scale, 0, 255))`` as uint8; ``values`` (float32, C-contiguous,
+    no longer needed by the caller) is clipped at 0 in place. OpenCV scales, rounds half
+    to even and saturates at 255 in one pass, twice as fast as numpy's three."""
+    np.maximum(values, 0, out=values)
+    flat = values.reshape(-1, values.shape[-1])
+    return cv2.convertScaleAbs(flat, alpha=scale).reshape(values.shape)
 
 
 class ResultLayout:

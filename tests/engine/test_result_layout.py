@@ -1,0 +1,36 @@
+"""The chunk conversions of the result layout agree with numpy's reference formulas."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from workers.result_layout import class_map, to_uint8
+
+
+@pytest.mark.parametrize("classes", [1, 2, 3, 7])
+def test_class_map_is_argmax_with_first_index_on_ties(classes: int) -> None:
+    rng = np.random.default_rng(classes)
+    scores = rng.random((classes, 67, 45)).astype(np.float32)
+    if classes > 1:
+        scores[1, :10] = scores[0, :10]  # ties resolve to the lower class, as argmax does
+        scores[-1, 20:30] = scores[:, 20:30].max(axis=0)
+    assert class_map(scores).dtype == np.uint8
+    np.testing.assert_array_equal(class_map(scores), scores.argmax(axis=0))
+
+
+def test_class_map_refuses_more_classes_than_uint8_holds() -> None:
+    with pytest.raises(ValueError, match="256"):
+        class_map(np.zeros((256, 2, 2), np.float32))
+
+
+def test_to_uint8_scales_rounds_and_saturates_like_numpy() -> None:
+    rng = np.random.default_rng(0)
+    values = rng.uniform(-0.5, 1.5, (3, 40, 33)).astype(np.float32)
+    values[0, 0, :4] = [0.5 / 255, 1.5 / 255, 2.5 / 255, 254.5 / 255]  # halves: to even
+    expected = np.rint(np.clip(values * np.float32(255.0), 0, 255)).astype(np.uint8)
+    got = to_uint8(values.copy(), 255.0)
+    assert got.shape == values.shape and got.dtype == np.uint8
+    assert np.abs(got.astype(int) - expected).max() <= 1
+    assert (got == expected).mean() > 0.999
+    assert got[values < 0].max() == 0 and got[values > 1].min() == 255
