@@ -13,6 +13,7 @@ variance of the first dense output across those passes comes back as ``variance`
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import numpy as np
@@ -47,7 +48,7 @@ class Predictor:
     """Callable: uint8 NHWC batch -> float32 NCHW model output with the card's activation."""
 
     def __init__(self, loaded: LoadedModel, *, device: str = "auto", amp: bool | None = None,
-                 tta: bool = False) -> None:
+                 tta: bool = False, compile: bool = False) -> None:
         self.card: ModelCard = loaded.card
         self.tta = tta
         self.device = resolve_device(device)
@@ -59,6 +60,8 @@ class Predictor:
         )
         if on_cuda:
             self.module = self.module.to(memory_format=torch.channels_last)
+        if compile:  # compiled lazily, on the first batch of each new shape
+            self.module = torch.compile(self.module, dynamic=False)
         norm = self.card.normalization
         mean = torch.tensor(norm.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
         std = torch.tensor(norm.std, dtype=torch.float32).view(1, 3, 1, 1) * 255
@@ -178,3 +181,28 @@ class Predictor:
                     f"its card (output_crop_px={self.card.output_crop_px}, output_stride="
                     f"{self.card.output_stride}) implies {expected_px}x{expected_px}"
                 )
+
+
+#: CPU batch size: larger batches gain little on a few cores and cost tile-band memory.
+CPU_BATCH_SIZE = 8
+
+
+def auto_batch_size(run: Callable[[np.ndarray], object], device: torch.device, tile_px: int,
+                    *, headroom: float = 0.6, cap: int = 256) -> int:
+    """Tiles per call: on CUDA, as many as ``headroom`` of the free GPU memory holds,
+    measured by running ``run`` (the predictor, or a stain chain around it) on two blank
+    tiles and reading the allocator's peak; on CPU, :data:`CPU_BATCH_SIZE`."""
+    if device.type != "cuda":
+        return CPU_BATCH_SIZE
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    run(np.full((2, tile_px, tile_px, 3), 255, dtype=np.uint8))
+    torch.cuda.synchronize(device)
+    per_tile = max((torch.cuda.max_memory_allocated(device) - before) / 2, 1.0)
+    free, _total = torch.cuda.mem_get_info(device)
+    size = max(1, min(cap, int(free * headroom // per_tile)))
+    log.info("batch size %d: %.0f MiB per %d px tile, %.0f MiB free on %s",
+             size, per_tile / 2**20, tile_px, free / 2**20, device)
+    return size

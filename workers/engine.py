@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from models.card import ModelCard
-from models.predictor import Predictor
+from models.predictor import Predictor, auto_batch_size
 from models.registry import load_model, resolve_card, sha256_file
 from models.stain_transfer import StainedPredictor
 from workers.provenance import jsonable, package_versions, utc_now
@@ -67,7 +67,7 @@ TISSUE_RGBA = (0, 200, 0, 110)
 
 
 def _validate(spec: RunSpec) -> None:
-    if not 1 <= spec.batch_size <= 1024:
+    if spec.batch_size is not None and not 1 <= spec.batch_size <= 1024:
         raise InvalidParameter(f"batch_size must be in [1, 1024], got {spec.batch_size}")
     if not 64 <= spec.chunk_px <= 4096:
         raise InvalidParameter(f"chunk_px must be in [64, 4096], got {spec.chunk_px}")
@@ -168,7 +168,8 @@ def run_engine(
             )
         with timer.stage("load_model"):
             loaded = load_model(card, weights=spec.weights)
-            predictor = Predictor(loaded, device=spec.device, tta=spec.tta)
+            predictor = Predictor(loaded, device=spec.device, tta=spec.tta,
+                                  compile=spec.compile)
             predictor.check_output_geometry(geometry.tile_px, geometry.output_tile_px)
         stain = None
         if spec.stain:  # a stain step before the model, in the same pass over the tiles
@@ -177,6 +178,9 @@ def run_engine(
                                          model_dir=spec.model_dir, device=spec.device,
                                          reference=spec.stain_reference, mask=mask)
                 predictor = StainedPredictor(stain, predictor, keep_stained=spec.stain_output)
+        # measured on the whole chain: a stain step's network needs GPU memory too
+        batch_size = spec.batch_size or auto_batch_size(predictor, predictor.device,
+                                                        geometry.tile_px)
 
         out_h, out_w = plan.output_shape
         writer = ResultWriter(tmp, height=out_h, width=out_w, mpp=plan.output_mpp,
@@ -185,7 +189,7 @@ def run_engine(
         tissue = writer.create_label(LabelSpec("tissue", {1: ("tissue", TISSUE_RGBA)}))
 
         with timer.stage("infer"):
-            _infer(spec, plan, predictor, layout, report, should_stop)
+            _infer(spec, plan, predictor, layout, batch_size, report, should_stop)
         with timer.stage("pyramid"):
             report(Progress("pyramid", 0, 1))
             layout.write_tile_grids()
@@ -209,6 +213,7 @@ def run_engine(
                 "target_mpp": target_mpp, "tile_px": geometry.tile_px,
                 "overlap_px": geometry.overlap_px, "output_mpp": plan.output_mpp,
                 "device": str(predictor.device), "backend": slide.backend,
+                "batch_size": batch_size, "compile": spec.compile,
             },
             "slide": {
                 "name": slide.path.name, "sha256": slide_sha, "dimensions": list(slide.dimensions),
@@ -242,6 +247,7 @@ def _infer(
     plan: TilePlan,
     predictor: Predictor,
     layout: ResultLayout,
+    batch_size: int,
     report: ProgressCallback,
     should_stop: CancelCheck,
 ) -> None:
@@ -291,7 +297,7 @@ def _infer(
     report(Progress("infer", 0, total))
     loader = TileBatchLoader(
         spec.slide_path, plan.tiles, tile_px=g.tile_px, target_mpp=plan.target_mpp,
-        batch_size=spec.batch_size, backend=spec.backend, slide_mpp=spec.slide_mpp,
+        batch_size=batch_size, backend=spec.backend, slide_mpp=spec.slide_mpp,
         workers=spec.read_workers,
     )
     ending = _ABORT

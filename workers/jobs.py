@@ -57,7 +57,9 @@ class JobParams(BaseModel):
     slide_mpp: float | None = Field(default=None, gt=0, lt=1000, description="override")
     tile_px: int | None = Field(default=None, ge=16, le=MAX_TILE_PX)
     overlap_px: int | None = Field(default=None, ge=0, le=MAX_TILE_PX - 1)
-    batch_size: int = Field(default=8, ge=1, le=256)
+    batch_size: int | None = Field(
+        default=None, ge=1, le=256,
+        description="tiles per model call (default: from free GPU memory, 8 on CPU)")
     backend: Literal["auto", "openslide", "tiffslide"] = "auto"
     tissue_method: Literal["hsv-otsu", "grey-otsu"] = "hsv-otsu"
     tissue_working_mpp: float = Field(default=8.0, gt=0, le=64)

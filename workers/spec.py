@@ -28,7 +28,8 @@ class RunSpec:
     slide_mpp: float | None = None
     tile_px: int | None = None
     overlap_px: int | None = None
-    batch_size: int = 8
+    batch_size: int | None = None  # None: from free GPU memory on CUDA, 8 on CPU
+    compile: bool = False  # torch.compile the model (slower start, faster steady state)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     backend: str = "auto"  # auto | openslide | tiffslide
     tissue_method: str = "hsv-otsu"  # hsv-otsu | grey-otsu

@@ -98,3 +98,20 @@ def test_crop_and_stride_geometry(engine_slides: dict[str, Path], tmp_path: Path
     assert diff.max() <= 1, f"max abs difference {diff.max()}"
     scale = zarr.open_group(str(out), mode="r").attrs["multiscales"][0]["datasets"][0]
     assert scale["coordinateTransformations"][0]["scale"] == [1.0, 1.0, 1.0]
+
+
+def test_compiled_model_and_default_batch_give_the_same_result(
+    engine_slides: dict[str, Path], tmp_path: Path,
+) -> None:
+    """``compile`` (torch.compile, inductor on CPU) changes speed, not pixels; with no batch
+    size given the CPU default is used and recorded."""
+    common = {"slide_path": engine_slides["svs"], "model": "identity", "device": "cpu",
+              "tissue_method": "none", "chunk_px": 256}
+    eager = run_engine(RunSpec(out_path=tmp_path / "eager.zarr", batch_size=5, **common))
+    compiled = run_engine(RunSpec(out_path=tmp_path / "compiled.zarr", compile=True, **common))
+    assert compiled.provenance["effective"]["compile"] is True
+    assert compiled.provenance["effective"]["batch_size"] == 8
+    assert eager.provenance["effective"]["batch_size"] == 5
+    for a, b in zip(_result(eager.out_path), _result(compiled.out_path)):
+        assert a.shape == b.shape
+        assert np.abs(a.astype(np.int16) - b.astype(np.int16)).max() <= 1
