@@ -7,7 +7,7 @@ C x 16 x 16 map that is upsampled (nearest) to the input size, and a classificat
 head on that C x 16 x 16 map *before* the final upsampling: ``adaptive average pool ->
 conv1x1 C->8 (no bias) + BN + ReLU -> conv1x1 8->C``. Because the classifier only sees
 the segmentation map, class labels of whole patches train the segmentation head too
-(``L = L_seg + L_cls``, see ``models.training``).
+(``L = L_seg + L_cls``, see ``models.seg_training``).
 
 The forward pass returns both outputs keyed by the names the engine stores them under:
 ``{"probabilities": (N, C, H, W) segmentation logits, "tile_scores": (N, C) class

@@ -41,7 +41,6 @@ from models.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from models.errors import ModelError
 from models.metrics import IGNORE, classification_metrics, segmentation_metrics
 from models.predictor import resolve_device
-from models.training import to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +184,15 @@ def group_split(groups: np.ndarray, val_fraction: float, seed: int) -> tuple[np.
     val_names = set(rng.choice(names, size=n_val, replace=False).tolist())
     is_val = np.array([g in val_names for g in groups.tolist()])
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def to_tensor(images: np.ndarray, card: ModelCard, device: torch.device) -> torch.Tensor:
+    """(N, H, W, 3) uint8 patches -> normalised (N, 3, H, W) float32 on ``device``."""
+    norm = card.normalization
+    mean = torch.tensor(norm.mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(norm.std, device=device).view(1, 3, 1, 1) * 255
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float()
+    return (x - mean) / std
 
 
 # -- augmentation -----------------------------------------------------------------------

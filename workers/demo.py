@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from models.architectures import build_module
 from models.card import IMAGENET, ClassSpec, ModelCard
 from models.registry import save_weights
+from models.seg_training import FitConfig, PatchDataset, evaluate, fit
 from models.stain import PSEUDO_CLASSES, PSEUDO_COLORS, stain_pseudo_labels
-from models.training import TrainConfig, dice_per_class, predict_labels, train_segmenter
 from workers.engine import run_engine
 from workers.sample_data import fetch_cmu_small_region
 from workers.spec import ProgressCallback, RunResult, RunSpec
@@ -91,11 +92,14 @@ def train_demo_model(
     train_x, train_y = patches(rgb[:split], train_labels, PATCH_PX // 2)
     val_x, val_y = patches(rgb[split:], val_labels, PATCH_PX)
     card = demo_card()
+    torch.manual_seed(seed)
     module = build_module(card)
-    losses = train_segmenter(module, card, train_x, train_y,
-                             TrainConfig(steps=steps, batch_size=8, seed=seed), on_step=on_step)
-    predicted = predict_labels(module, card, val_x)
-    dice = dict(zip(card.class_names, dice_per_class(predicted, val_y, len(card.classes))))
+    config = FitConfig(steps=steps, batch_size=8, lr=1e-3, lr_schedule="cosine", seed=seed,
+                       eval_every=steps, checkpoint_every=steps)
+    result = fit(module, card, PatchDataset.build(train_x, train_y), config,
+                 on_step=(lambda step, record: on_step(step, record["loss"])) if on_step else None)
+    losses = [record["loss"] for record in result.history]
+    dice = evaluate(module, card, PatchDataset.build(val_x, val_y))["seg"]["dice"]
     card_path = card.save(model_dir)
     sha = save_weights(module, model_dir / "weights.safetensors")
     (model_dir / "training.json").write_text(json.dumps({

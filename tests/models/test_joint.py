@@ -221,7 +221,7 @@ def test_unet_needs_masks_and_learns_from_them(tissue_patches: PatchDataset) -> 
 
 
 def _manual_tta(module: nn.Module, card: ModelCard, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from models.training import to_tensor
+    from models.seg_training import to_tensor
 
     x = to_tensor(batch, card, torch.device("cpu"))
     passes = []
