@@ -26,7 +26,7 @@ from wsi.errors import (
     SlideMissingMpp,
     SlideUnreadable,
 )
-from wsi.reader import Slide
+from wsi.reader import Slide, composite_on_white
 from wsi.synthetic import Rect, RectangleSource, block_mean, write_pyramidal_tiff
 
 BACKENDS = ("openslide", "tiffslide")
@@ -512,3 +512,17 @@ def test_synthetic_writer_rejects_bad_geometry(
 def test_rectangle_source_rejects_overlaps() -> None:
     with pytest.raises(InvalidParameter, match="overlap"):
         RectangleSource(100, 100, (Rect(0, 0, 50, 50), Rect(40, 40, 20, 20)))
+
+
+def test_composite_on_white_drops_opaque_alpha_and_blends_the_rest() -> None:
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (33, 47, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    np.testing.assert_array_equal(composite_on_white(rgba), rgba[..., :3])
+    rgba[0, 0] = (100, 0, 200, 0)  # transparent -> white
+    rgba[0, 1] = (100, 0, 200, 128)  # half -> halfway to white
+    out = composite_on_white(rgba)
+    assert out.shape == (33, 47, 3) and out.dtype == np.uint8
+    assert tuple(out[0, 0]) == (255, 255, 255)
+    assert tuple(out[0, 1]) == (177, 127, 227)
+    np.testing.assert_array_equal(out[1:], rgba[1:, :, :3])

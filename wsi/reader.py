@@ -32,10 +32,11 @@ def composite_on_white(region: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected an (h, w, 3|4) image, got shape {region.shape}")
     if region.shape[2] == 3:
         return np.ascontiguousarray(region)
+    if int(region[..., 3].min()) == 255:  # opaque (tissue scans almost always are)
+        # OpenCV drops the alpha plane ~100x faster than numpy's strided copy
+        return cv2.cvtColor(np.ascontiguousarray(region), cv2.COLOR_RGBA2RGB)
     rgb = region[..., :3].astype(np.uint16)
     alpha = region[..., 3:4].astype(np.uint16)
-    if bool((alpha == 255).all()):
-        return np.ascontiguousarray(region[..., :3])
     out = (rgb * alpha + WHITE * (255 - alpha) + 127) // 255
     return out.astype(np.uint8)
 
