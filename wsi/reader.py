@@ -210,7 +210,7 @@ class Slide:
         width: int,
         height: int,
         *,
-        band_pixels: int = 1 << 22,
+        band_pixels: int = 1 << 20,
         channel: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> np.ndarray:
         """A whole level resized to (width, height), read in horizontal bands.
