@@ -1,8 +1,8 @@
 """Tissue-mask time per slide at the default working resolution (about 8 µm/px).
 
-    python bench/tissue.py [--sizes 10000,30000,60000,100000]
+    python bench/tissue.py [--sizes 10000,30000,60000,100000] [--mpp 0.25]
 
-Banded slides (cached) and one real-tissue slide; the baseline is reading the working
+Banded slides (cached; the same 40x slides as bench/memory by default) and one real-tissue slide; the baseline is reading the working
 view alone (the mask's own cost is the difference). Each measured 3 times, best kept.
 """
 
@@ -33,8 +33,10 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000,30000,60000,100000")
+    parser.add_argument("--mpp", type=float, default=0.25, help="banded slides' resolution")
     args = parser.parse_args()
-    slides = [real_tissue_slide(8192)] + [banded_slide(int(s)) for s in args.sizes.split(",")]
+    slides = [real_tissue_slide(8192)] + [banded_slide(int(s), mpp=args.mpp)
+                                          for s in args.sizes.split(",")]
     rows = []
     params = TissueParams()
     for path in slides:

@@ -526,3 +526,18 @@ def test_composite_on_white_drops_opaque_alpha_and_blends_the_rest() -> None:
     assert tuple(out[0, 0]) == (255, 255, 255)
     assert tuple(out[0, 1]) == (177, 127, 227)
     np.testing.assert_array_equal(out[1:], rgba[1:, :, :3])
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+def test_level_view_in_parallel_bands_equals_one_pass(cmu_svs: Path, backend: str) -> None:
+    """Bands decoded two at a time (openslide) or one after the other (tiffslide) give
+    the same view, in RGB and through a channel function."""
+    with Slide(cmu_svs, backend=backend) as slide:
+        w, h = slide.level_dimensions[0]
+        size = (w // 7, h // 7)
+        serial = slide.read_level_resized(0, *size, band_pixels=w * 49, workers=1)
+        banded = slide.read_level_resized(0, *size, band_pixels=w * 49, workers=2)
+        np.testing.assert_array_equal(banded, serial)
+        grey = slide.read_level_resized(0, *size, band_pixels=w * 49, workers=2,
+                                        channel=lambda rgb: rgb[..., 1].copy())
+        np.testing.assert_array_equal(grey, banded[..., 1])

@@ -30,6 +30,8 @@ class SlideBackend(Protocol):
     properties: Mapping[str, str]
     mpp: float | None
     vendor: str
+    #: whether one handle may serve reads from several threads at once
+    concurrent_reads: bool
 
     def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray: ...
 
@@ -53,6 +55,8 @@ class OpenSlideBackend:
     """openslide-python over the ``openslide-bin`` wheel (no system library needed)."""
 
     name = "openslide"
+    #: the C library is thread-safe and openslide-python releases the GIL while it reads
+    concurrent_reads = True
 
     def __init__(self, path: Path) -> None:
         import openslide
@@ -94,6 +98,8 @@ class TiffSlideBackend:
     """tiffslide (tifffile + imagecodecs): pure Python, fsspec-capable."""
 
     name = "tiffslide"
+    #: one tifffile handle seeks and reads a shared file object: one thread at a time
+    concurrent_reads = False
 
     def __init__(self, path: Path) -> None:
         import tiffslide
