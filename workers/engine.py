@@ -27,6 +27,7 @@ from models.card import ModelCard
 from models.predictor import Predictor, auto_batch_size
 from models.registry import load_model, resolve_card, sha256_file
 from models.stain_transfer import StainedPredictor
+from workers.heap import trim_heap
 from workers.provenance import jsonable, package_versions, utc_now
 from workers.result_layout import ResultLayout
 from workers.spec import CancelCheck, Progress, ProgressCallback, RunCancelled, RunResult, RunSpec
@@ -101,6 +102,14 @@ def _staged(out_path: Path, overwrite: bool) -> Iterator[Path]:
         tmp.rename(out_path)
 
 
+def _fresh_handle(spec: RunSpec) -> Slide:
+    """A handle for one whole-level read (tissue view, thumbnail), closed right after:
+    openslide keeps up to 32 MB of decoded tiles per handle, and a 100k px slide's
+    coarse level fills it; on the run's long-lived handle that cache would stay for the
+    whole run."""
+    return Slide(spec.slide_path, backend=spec.backend, slide_mpp=spec.slide_mpp)
+
+
 class _Timer:
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
@@ -157,7 +166,8 @@ def run_engine(
         with timer.stage("tissue"):
             report(Progress("tissue", 0, 1))
             params = TissueParams(method=spec.tissue_method, working_mpp=spec.tissue_working_mpp)
-            mask = tissue_mask(slide, params)
+            with _fresh_handle(spec) as view:
+                mask = tissue_mask(view, params)
         with timer.stage("plan"):
             report(Progress("plan", 0, 1))
             width, height = slide.scaled_dimensions(target_mpp)
@@ -166,6 +176,7 @@ def run_engine(
                 geometry=geometry, mask=mask, min_tissue_fraction=spec.min_tissue_fraction,
                 strip_px=strip_px(spec.chunk_px, geometry),
             )
+        trim_heap()  # the tissue view's bands and the grid's arrays are gone
         with timer.stage("load_model"):
             loaded = load_model(card, weights=spec.weights)
             predictor = Predictor(loaded, device=spec.device, tta=spec.tta,
@@ -195,7 +206,8 @@ def run_engine(
             layout.write_tile_grids()
             write_tissue_label(writer.chunk_files(tissue), mask, plan)
             writer.build_pyramids(workers=spec.read_workers)
-            thumb = slide.thumbnail(THUMBNAIL_PX)
+            with _fresh_handle(spec) as view:
+                thumb = view.thumbnail(THUMBNAIL_PX)
             writer.write_small_image(
                 "thumbnail", "thumbnail", thumb, slide_mpp * slide.dimensions[0] / thumb.shape[1]
             )
@@ -319,3 +331,6 @@ def _infer(
         spill.cleanup()
     if failure:
         raise failure[0]
+    for name, merger in mergers.items():
+        log.info("%s: %d chunks written, at most %d open at once, %d parked on disk",
+                 name, merger.chunks_written, merger.peak_open_chunks, merger.chunks_spilled)
