@@ -102,14 +102,6 @@ def _staged(out_path: Path, overwrite: bool) -> Iterator[Path]:
         tmp.rename(out_path)
 
 
-def _fresh_handle(spec: RunSpec) -> Slide:
-    """A handle for one whole-level read (tissue view, thumbnail), closed right after:
-    openslide keeps up to 32 MB of decoded tiles per handle, and a 100k px slide's
-    coarse level fills it; on the run's long-lived handle that cache would stay for the
-    whole run."""
-    return Slide(spec.slide_path, backend=spec.backend, slide_mpp=spec.slide_mpp)
-
-
 class _Timer:
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
@@ -166,8 +158,7 @@ def run_engine(
         with timer.stage("tissue"):
             report(Progress("tissue", 0, 1))
             params = TissueParams(method=spec.tissue_method, working_mpp=spec.tissue_working_mpp)
-            with _fresh_handle(spec) as view:
-                mask = tissue_mask(view, params)
+            mask = tissue_mask(slide, params)
         with timer.stage("plan"):
             report(Progress("plan", 0, 1))
             width, height = slide.scaled_dimensions(target_mpp)
@@ -206,8 +197,7 @@ def run_engine(
             layout.write_tile_grids()
             write_tissue_label(writer.chunk_files(tissue), mask, plan)
             writer.build_pyramids(workers=spec.read_workers)
-            with _fresh_handle(spec) as view:
-                thumb = view.thumbnail(THUMBNAIL_PX)
+            thumb = slide.thumbnail(THUMBNAIL_PX)
             writer.write_small_image(
                 "thumbnail", "thumbnail", thumb, slide_mpp * slide.dimensions[0] / thumb.shape[1]
             )
