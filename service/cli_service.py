@@ -8,6 +8,7 @@ first and Redis last, on Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", ""})
+# Seconds each child of ``up`` gets to stop before SIGKILL; 35 s in all. A job still
+# running on the worker is handed back to the queue (acks_late), so killing loses nothing.
+STOP_TIMEOUT_S = {"api": 10.0, "worker": 20.0, "redis": 5.0}
 
 
 def _setup_logging(level: str) -> None:
@@ -215,24 +219,37 @@ def start_local_redis(url: str, data_dir: Path) -> subprocess.Popen[bytes]:
     raise click.ClickException(f"redis-server did not answer on port {port} within 15 s")
 
 
-def stop_process(proc: subprocess.Popen[bytes], name: str, timeout_s: float = 20.0) -> None:
-    """SIGTERM, wait, then SIGKILL; children of ``proc`` share its session."""
+def stop_process(proc: subprocess.Popen[bytes], name: str, timeout_s: float) -> None:
+    """SIGTERM to the leader, wait, then SIGKILL to its whole session.
+
+    Only the leader gets SIGTERM: a Celery worker stops its own pool processes, and a
+    pool process that receives SIGTERM beside its parent can stall the warm shutdown.
+    """
     if proc.poll() is not None:
         return
     click.echo(f"stopping {name} ...", err=True)
+    started = time.monotonic()
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)
     except ProcessLookupError:
         return
     try:
         proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        click.echo(f"{name} still running after {timeout_s:.0f} s: killing it", err=True)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    click.echo(f"{name} stopped in {time.monotonic() - started:.1f} s", err=True)
 
 
 def _interrupt(signum: int, _frame: object) -> None:
-    """SIGTERM to ``up`` stops everything the way Ctrl-C does."""
+    """SIGINT or SIGTERM to ``up`` stops everything.
+
+    Installed for SIGINT too: a process started in the background by a non-interactive
+    shell (``cmd &``, as CI scripts do) inherits SIGINT ignored, and Python then never
+    raises KeyboardInterrupt, so Ctrl-C (or ``kill -INT``) would do nothing.
+    """
     raise KeyboardInterrupt
 
 
@@ -286,7 +303,8 @@ def up(host: str, port: int, device: str) -> None:
             f"-F file=@slide.svs http://{host}:{port}/v1/slides\nCtrl-C stops everything.",
             err=True,
         )
-        signal.signal(signal.SIGTERM, _interrupt)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _interrupt)
         while True:
             for name, proc in procs:
                 if proc.poll() is not None:
@@ -296,4 +314,4 @@ def up(host: str, port: int, device: str) -> None:
         click.echo("shutting down", err=True)
     finally:
         for name, proc in reversed(procs):  # api, worker, then redis
-            stop_process(proc, name)
+            stop_process(proc, name, timeout_s=STOP_TIMEOUT_S[name])
