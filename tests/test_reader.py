@@ -52,10 +52,13 @@ def windows(width: int, height: int, size: int, n: int, seed: int) -> list[tuple
 
 
 # -- backend choice ---------------------------------------------------------------------
-def test_auto_prefers_openslide(cmu_svs: Path, tissue_generic_tiff: BuiltSlide) -> None:
+def test_auto_prefers_tiffslide_where_every_level_is_tiled(
+    cmu_svs: Path, tissue_generic_tiff: BuiltSlide
+) -> None:
+    """Its tiled path decodes each slide tile once (tests/test_tile_cache.py)."""
     for path in (cmu_svs, tissue_generic_tiff.path):
         with Slide(path) as slide:
-            assert slide.backend == "openslide"
+            assert slide.backend == "tiffslide" and slide.concurrent_reads
 
 
 def test_auto_falls_back_to_tiffslide(stripped_tiff: Path) -> None:
@@ -478,9 +481,11 @@ def test_unreadable_svs_fixture(unreadable_svs: Path, backend: str) -> None:
 
 
 def test_slide_is_a_context_manager(cmu_svs: Path) -> None:
-    with Slide(cmu_svs) as slide:
+    with Slide(cmu_svs, backend="openslide") as slide:
         assert "openslide" in repr(slide) and "2220" in repr(slide)
         assert slide.properties["openslide.vendor"] == "aperio"
+    with Slide(cmu_svs) as slide:
+        assert "tiffslide" in repr(slide) and slide.vendor == "aperio"
 
 
 # -- the synthetic writer behind the built slides ---------------------------------------

@@ -71,6 +71,12 @@ class Slide:
     def backend(self) -> str:
         return self._backend.name
 
+    @property
+    def concurrent_reads(self) -> bool:
+        """Whether several threads may read through this one handle at once (they then
+        share its decoded-tile cache, rather than each decoding the tiles again)."""
+        return self._backend.concurrent_reads
+
     @cached_property
     def dimensions(self) -> tuple[int, int]:
         """Level-0 (width, height) in pixels."""

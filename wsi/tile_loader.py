@@ -1,9 +1,10 @@
 """Reading and decoding tiles in background threads, handed out in ordered batches.
 
-Each worker thread opens its own :class:`~wsi.reader.Slide` (neither openslide handles
-nor tifffile file handles are shared across threads), and at most ``prefetch_batches``
-batches are read ahead, so memory stays a few batches while decoding overlaps with
-whatever the consumer does (inference, blending).
+The worker threads share one :class:`~wsi.reader.Slide` where its backend reads
+concurrently (then they share its decoded-tile cache too, so a slide tile that two
+overlapping tiles need is decoded once); otherwise each thread opens its own. At most
+``prefetch_batches`` batches are read ahead, so memory stays a few batches while
+decoding overlaps with whatever the consumer does (inference, blending).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -59,39 +61,55 @@ class TileBatchLoader:
     def _slide(self) -> Slide:
         slide = getattr(self._local, "slide", None)
         if slide is None:
-            slide = Slide(self.slide_path, backend=self.backend, slide_mpp=self.slide_mpp)
-            self._local.slide = slide
             with self._lock:
-                self._opened.append(slide)
+                shared = self._opened[0] if self._opened else None
+                if shared is not None and shared.concurrent_reads:
+                    slide = shared
+                else:
+                    slide = Slide(self.slide_path, backend=self.backend,
+                                  slide_mpp=self.slide_mpp)
+                    self._opened.append(slide)
+            self._local.slide = slide
         return slide
 
     def read_tile(self, tile: Tile) -> np.ndarray:
         p = self.tile_px
         return self._slide().read_scaled(self.target_mpp, tile.x, tile.y, p, p)
 
+    def _read_into(self, pixels: np.ndarray, tiles: Sequence[Tile]) -> None:
+        for i, tile in enumerate(tiles):
+            pixels[i] = self.read_tile(tile)
+
     def __iter__(self) -> Iterator[TileBatch]:
         pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="tile-read")
-        window = self.batch_size * (self.prefetch_batches + 1)
-        pending: deque[tuple[Tile, Future[np.ndarray]]] = deque()
+        # each batch is read as one task per worker (a task per tile costs a future, a
+        # lock and a wake-up each, a tenth of a tile's decode), straight into its array
+        part = -(-self.batch_size // self.workers)
+        pending: deque[tuple[list[Tile], np.ndarray, list[Future[None]]]] = deque()
         upcoming = iter(self.tiles)
+        p = self.tile_px
         try:
             def refill() -> None:
-                while len(pending) < window:
-                    tile = next(upcoming, None)
-                    if tile is None:
+                while len(pending) <= self.prefetch_batches:
+                    tiles = list(islice(upcoming, self.batch_size))
+                    if not tiles:
                         return
-                    pending.append((tile, pool.submit(self.read_tile, tile)))
+                    pixels = np.empty((len(tiles), p, p, 3), np.uint8)
+                    parts = [pool.submit(self._read_into, pixels[i : i + part], tiles[i : i + part])
+                             for i in range(0, len(tiles), part)]
+                    pending.append((tiles, pixels, parts))
 
             refill()
             while pending:
-                n = min(self.batch_size, len(pending))
-                batch = [pending.popleft() for _ in range(n)]
+                tiles, pixels, parts = pending.popleft()
                 refill()
-                pixels = np.stack([future.result() for _, future in batch])
-                yield TileBatch(tiles=[tile for tile, _ in batch], pixels=pixels)
+                for future in parts:
+                    future.result()  # re-raises a read error
+                yield TileBatch(tiles=tiles, pixels=pixels)
         finally:
-            for _, future in pending:
-                future.cancel()
+            for _, _, parts in pending:
+                for future in parts:
+                    future.cancel()
             pool.shutdown(wait=True)
             self.close()
 
