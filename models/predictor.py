@@ -70,7 +70,8 @@ class Predictor:
 
     def _normalise_cpu(self, batch: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
-        x -= self._cpu_offset
+        if self._cpu_offset.any():  # zero for cards that only scale to [0, 1]
+            x -= self._cpu_offset
         x *= self._cpu_scale
         return x
 

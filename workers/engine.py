@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,8 @@ from models.card import ModelCard
 from models.predictor import Predictor, auto_batch_size
 from models.registry import load_model, resolve_card, sha256_file
 from models.stain_transfer import StainedPredictor
-from workers.heap import trim_heap
+from workers.chunk_writer import BackgroundSink
+from workers.heap import reuse_freed_blocks, trim_heap
 from workers.provenance import jsonable, package_versions, utc_now
 from workers.result_layout import ResultLayout
 from workers.spec import CancelCheck, Progress, ProgressCallback, RunCancelled, RunResult, RunSpec
@@ -168,6 +169,7 @@ def run_engine(
                 strip_px=strip_px(spec.chunk_px, geometry),
             )
         trim_heap()  # the tissue view's bands and the grid's arrays are gone
+        reuse_freed_blocks()  # from here on, batches and chunks recycle the same blocks
         with timer.stage("load_model"):
             loaded = load_model(card, weights=spec.weights)
             predictor = Predictor(loaded, device=spec.device, tta=spec.tta,
@@ -227,6 +229,7 @@ def run_engine(
             "timings_s": timer.timings,
         }
         writer.set_attrs("slidepipe", provenance)
+    trim_heap()  # a worker process keeps no run's blocks between jobs
     report(Progress("done", 1, 1))
     log.info("wrote %s: %d tiles in %.1fs", spec.out_path, len(plan.tiles),
              sum(timer.timings.values()))
@@ -263,12 +266,14 @@ def _infer(
     spill = tempfile.TemporaryDirectory(prefix=".slidepipe-spill-", dir=spec.out_path.parent)
     strip_cols = max(1, strip_px(spec.chunk_px, g) // g.stride_px)
     mergers = {}
+    # storing a finished chunk runs beside blending, in a thread per output
+    stores = {output.name: BackgroundSink(layout.sinks[output.name]) for output in layout.dense}
     for output in layout.dense:
         spill_dir = Path(spill.name) / output.name
         spill_dir.mkdir()
         mergers[output.name] = StreamingMerger(
             channels=layout.sinks[output.name].image.chunks[0], shape=plan.output_shape,
-            chunk_px=spec.chunk_px, boxes=boxes, window=window, sink=layout.sinks[output.name],
+            chunk_px=spec.chunk_px, boxes=boxes, window=window, sink=stores[output.name],
             spill_dir=spill_dir, horizon=2 * strip_cols + 2,
         )
     handoff: queue.Queue = queue.Queue(maxsize=2)
@@ -288,6 +293,8 @@ def _infer(
             if item is _DONE:
                 for merger in mergers.values():
                     merger.finalize()
+                for store in stores.values():
+                    store.close()  # every chunk on disk; re-raises a storing error
         except BaseException as err:  # handed to the main thread below
             failure.append(err)
             while item not in (_DONE, _ABORT):  # drain so the producer never blocks
@@ -318,6 +325,9 @@ def _infer(
     finally:
         handoff.put(ending)
         blender.join()
+        for store in stores.values():
+            with suppress(Exception):  # already reported, or the run is failing anyway
+                store.close()
         spill.cleanup()
     if failure:
         raise failure[0]

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from wsi.errors import InvalidParameter
@@ -139,6 +140,8 @@ class StreamingMerger:
             raise InvalidParameter(
                 f"tile size {tile.shape[1:]} does not match the window {self.window.shape}"
             )
+        if tile.dtype != np.float32:
+            tile = tile.astype(np.float32)
         y, x = where
         h, w = self.window.shape
         span = self._chunk_span((y, x, h, w))
@@ -167,9 +170,10 @@ class StreamingMerger:
                 win = self.window[oy0 - y : oy1 - y, ox0 - x : ox1 - x]
                 src = tile[:, oy0 - y : oy1 - y, ox0 - x : ox1 - x]
                 dst = (slice(oy0 - cy * c, oy1 - cy * c), slice(ox0 - cx * c, ox1 - cx * c))
-                acc = self._sums[key][(slice(None), *dst)]
-                acc += src * win  # one temporary; in-place add into the chunk
-                self._weights[key][dst] += win
+                sums = self._sums[key]
+                for channel in range(self.channels):  # OpenCV: acc += src * win, one pass
+                    cv2.accumulateProduct(src[channel], win, sums[channel][dst])
+                cv2.accumulate(win, self._weights[key][dst])
                 self._pending[cy, cx] -= 1
                 if self._pending[cy, cx] == 0:
                     self._flush(key)

@@ -19,8 +19,15 @@ def test_class_map_is_argmax_with_first_index_on_ties(classes: int) -> None:
     np.testing.assert_array_equal(class_map(scores), scores.argmax(axis=0))
 
 
+def test_class_map_numbers_from_first() -> None:
+    scores = np.random.default_rng(1).random((4, 9, 7)).astype(np.float32)
+    np.testing.assert_array_equal(class_map(scores, first=1), scores.argmax(axis=0) + 1)
+    with pytest.raises(ValueError, match="from 2"):
+        class_map(scores, first=2)
+
+
 def test_class_map_refuses_more_classes_than_uint8_holds() -> None:
-    with pytest.raises(ValueError, match="256"):
+    with pytest.raises(ValueError, match="got 256"):
         class_map(np.zeros((256, 2, 2), np.float32))
 
 
@@ -29,7 +36,7 @@ def test_to_uint8_scales_rounds_and_saturates_like_numpy() -> None:
     values = rng.uniform(-0.5, 1.5, (3, 40, 33)).astype(np.float32)
     values[0, 0, :4] = [0.5 / 255, 1.5 / 255, 2.5 / 255, 254.5 / 255]  # halves: to even
     expected = np.rint(np.clip(values * np.float32(255.0), 0, 255)).astype(np.uint8)
-    got = to_uint8(values.copy(), 255.0)
+    got = to_uint8(values, 255.0)
     assert got.shape == values.shape and got.dtype == np.uint8
     assert np.abs(got.astype(int) - expected).max() <= 1
     assert (got == expected).mean() > 0.999
