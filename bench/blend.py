@@ -1,10 +1,15 @@
 """Our streaming blend against MONAI's sliding_window_inference, same image, same model.
 
     python bench/blend.py [--sizes 1536,4096,8192] [--tile 256] [--overlap 64]
+    python bench/blend.py --model identity --sizes 20000   # memory at a size MONAI barely holds
 
 The model is one seeded segmentation-models-pytorch U-Net (ResNet-18 encoder, depth 3),
-the same weights for every method. The image is real H&E (cmu_small_region, mirrored to
-the size). Methods, each in a fresh process so that its peak RSS is its own:
+the same weights for every method; ``--model identity`` runs the identity model instead
+(the tile's RGB as three channels): no network time, so that images large enough to
+show how each method's memory grows run in minutes, not hours (the canvases, not the
+model, are what grows). The image is real H&E (cmu_small_region, mirrored to the size).
+Both sides apply the card's activation per window. Methods, each in a fresh process so
+that its peak RSS is its own:
 
 - ``monai-constant`` / ``monai-gaussian``: ``sliding_window_inference`` on the image as a
   float tensor in memory (as MONAI users hold it), output canvas in memory.
@@ -34,17 +39,22 @@ GIB = 2**30
 MPP = 1.0
 
 
-def card_for(folder: Path, tile: int, overlap: int) -> Path:
-    """A seeded 2-class U-Net written as a model card + weights (cached)."""
+def card_for(folder: Path, tile: int, overlap: int, model: str = "unet") -> Path:
+    """A seeded 2-class U-Net (or the identity model) written as a model card (cached)."""
     import torch
 
     from models.architectures import build_module
     from models.card import IMAGENET, ClassSpec, ModelCard
-    from models.registry import save_weights
+    from models.registry import BUILTIN_CARDS, save_weights
 
     card_path = folder / "card.json"
     if card_path.is_file():
         return card_path
+    if model == "identity":
+        card = BUILTIN_CARDS["identity"].model_copy(
+            update={"name": "bench-identity", "target_mpp": MPP, "tile_px": tile,
+                    "overlap_px": overlap})
+        return card.save(folder)
     torch.manual_seed(0)
     card = ModelCard(
         name="bench-unet", architecture="unet", weights="weights.safetensors",
@@ -89,13 +99,18 @@ def child_monai(npy: str, card: str, mode: str, out: str) -> None:
     image = np.load(npy)
     mean = torch.tensor(c.normalization.mean).view(1, 3, 1, 1) * 255
     std = torch.tensor(c.normalization.std).view(1, 3, 1, 1) * 255
+
+    def predictor(window: torch.Tensor) -> torch.Tensor:  # the activation per window, as ours
+        out = model(window)
+        return torch.softmax(out, 1) if c.activation == "softmax" else out
+
     start = time.perf_counter()
     with torch.inference_mode():
         x = (torch.from_numpy(image).permute(2, 0, 1)[None].float() - mean) / std
         y = sliding_window_inference(x, roi_size=(c.tile_px, c.tile_px), sw_batch_size=8,
-                                     predictor=model, overlap=c.overlap_px / c.tile_px, mode=mode,
-                                     padding_mode="constant", cval=0.0)
-        p = torch.softmax(y, 1)[0, 1].numpy()
+                                     predictor=predictor, overlap=c.overlap_px / c.tile_px,
+                                     mode=mode, padding_mode="constant", cval=0.0)
+        p = y[0, 1].numpy()
     seconds = time.perf_counter() - start
     np.save(out, p.astype(np.float32)) if out != "-" else None
     print(json.dumps({"seconds": seconds}))
@@ -132,7 +147,8 @@ def whole_pass(npy: Path, card: Path) -> object:
     ph, pw = -(-h // 32) * 32, -(-w // 32) * 32
     padded = np.zeros((ph, pw, 3), np.uint8)  # MONAI pads with 0 after normalisation
     padded[:h, :w] = image
-    return predictor(padded[None])["probabilities"][0, 1, :h, :w]
+    outputs = predictor(padded[None])
+    return outputs[next(iter(outputs))][0, 1, :h, :w]
 
 
 def main() -> None:
@@ -140,6 +156,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="1536,4096,8192")
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--overlap", type=int, default=64)
+    parser.add_argument("--model", choices=("unet", "identity"), default="unet")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -148,7 +165,8 @@ def main() -> None:
         return
     import numpy as np
 
-    card = card_for(cache_dir() / f"blend-unet-{args.tile}-{args.overlap}", args.tile, args.overlap)
+    card = card_for(cache_dir() / f"blend-{args.model}-{args.tile}-{args.overlap}", args.tile,
+                    args.overlap, args.model)
     methods = [("monai-constant", "monai", "constant"), ("monai-gaussian", "monai", "gaussian"),
                ("slidepipe-tent", "ours", "tent"), ("slidepipe-gaussian", "ours", "gaussian")]
     rows, figures = [], []
