@@ -36,6 +36,9 @@ class SlideBackend(Protocol):
 
     def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray: ...
 
+    def drop_cache(self) -> None:
+        """Forget decoded tiles that no later read will want (after a whole-level pass)."""
+
     def close(self) -> None: ...
 
 
@@ -90,6 +93,9 @@ class OpenSlideBackend:
                 f"size={width}x{height}: {err}"
             ) from err
         return np.asarray(image)
+
+    def drop_cache(self) -> None:
+        """openslide's own tile cache has a fixed size: nothing to drop."""
 
     def close(self) -> None:
         self._slide.close()
@@ -154,6 +160,9 @@ class TiffSlideBackend:
                 f"tiffslide failed on region x={x} y={y} level={level} "
                 f"size={width}x{height}: {err}"
             ) from err
+
+    def drop_cache(self) -> None:
+        self._tiled.cache.clear()
 
     def close(self) -> None:
         self._tiled.close()

@@ -324,5 +324,7 @@ class ResultWriter:
                     src = self.chunk_files(group[str(level - 1)])
                     dst = self.chunk_files(group[str(level)])
                     n_cy, n_cx = dst.n_chunks()[-2:]
-                    jobs = [(cy, cx) for cy in range(n_cy) for cx in range(n_cx)]
-                    list(pool.map(lambda job, s=src, d=dst, m=mean: self._reduce_chunk(s, d, *job, m), jobs))
+                    for cy in range(n_cy):  # a row of futures at a time, not the whole level's
+                        row = [(cy, cx) for cx in range(n_cx)]
+                        list(pool.map(lambda job, s=src, d=dst, m=mean:
+                                      self._reduce_chunk(s, d, *job, m), row))

@@ -252,6 +252,9 @@ class Slide:
         else:
             for y in starts:
                 do_band(y)
+        # the pass left the cache full of this level's tiles, which tile reads (at the
+        # model's resolution) will not ask for: memory that would grow with the slide
+        self._backend.drop_cache()
         return out
 
     # -- lifetime -----------------------------------------------------------------------
