@@ -10,8 +10,11 @@ with class weights on the patches of the batch that have masks; ``L_cls`` is
 cross-entropy of the classification head (which sees only the segmentation map) on the
 patches that have a class label. A batch takes ``masked_per_batch`` patches with masks
 and fills the rest with label-only patches, so that a few percent of masked patches
-still train the segmentation every step. ``unet`` uses masks only: cross-entropy, plus
-soft Dice when ``dice_weight`` > 0. Augmentation: 90° rotations, flips, brightness,
+still train the segmentation every step. ``label_bn`` decides how the label-only
+patches meet BatchNorm: in the same pass their batch statistics normalise the masked
+patches too, which on its own (``cls_weight`` 0) cost the CMU experiment
+(``workers.experiments.joint_vs_masks``) about 0.2 held-out Dice. ``unet`` uses masks
+only: cross-entropy, plus soft Dice when ``dice_weight`` > 0. Augmentation: 90° rotations, flips, brightness,
 contrast and an HSV shift.
 
 Resumable and deterministic: the batches and augmentations come from one numpy
@@ -26,7 +29,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -237,6 +241,15 @@ class FitConfig:
     #: ``joint``: weight of L_cls, and masked patches per batch (default: half of it).
     cls_weight: float = 1.0
     masked_per_batch: int | None = None
+    #: ``joint``: how the label-only patches of a batch meet BatchNorm. ``shared``: one
+    #: pass over the whole batch, so the label-only patches shift the statistics that
+    #: normalise the masked ones; ``separate``: two passes, each group normalised by its
+    #: own batch statistics (both update the running ones); ``masked-running``: the same
+    #: two passes, but only the masked one updates the running statistics used at
+    #: inference; ``frozen``: two passes, the label-only one with BatchNorm in eval mode
+    #: (normalised by the running statistics, which it leaves as the masked patches made
+    #: them).
+    label_bn: Literal["shared", "separate", "masked-running", "frozen"] = "shared"
     #: Weight of a soft Dice term beside cross-entropy (``unet``; 0 = cross-entropy only).
     dice_weight: float = 0.0
     #: Pixel class weights of L_seg: inverse-frequency square roots, or none.
@@ -311,6 +324,43 @@ def _split_outputs(out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(out, dict):
         return out["probabilities"], out.get("tile_scores")
     return out, None
+
+
+@contextmanager
+def _label_pass_batchnorm(module: nn.Module, label_bn: str) -> Iterator[None]:
+    """BatchNorm layers of ``module`` set up for the label-only pass (see
+    :class:`FitConfig`): in eval mode (``frozen``), or normalising by the batch without
+    updating the running statistics (``masked-running``); unchanged otherwise."""
+    layers = [m for m in module.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+              and m.track_running_stats]
+    if label_bn not in ("frozen", "masked-running"):
+        layers = []
+    for layer in layers:
+        if label_bn == "frozen":
+            layer.eval()
+        else:
+            layer.track_running_stats = False  # batch statistics, running ones untouched
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.train()
+            layer.track_running_stats = True
+
+
+def _forward(module: nn.Module, x: torch.Tensor, split: int,
+             label_bn: str = "shared") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``module(x)`` of a batch whose first ``split`` patches have masks; unless
+    ``label_bn`` is ``shared`` (see :class:`FitConfig`), the two groups go through in two
+    passes whose outputs are concatenated."""
+    if label_bn == "shared" or not 0 < split < len(x):
+        return _split_outputs(module(x))
+    seg_a, cls_a = _split_outputs(module(x[:split]))
+    with _label_pass_batchnorm(module, label_bn):
+        seg_b, cls_b = _split_outputs(module(x[split:]))
+    cls = None if cls_a is None or cls_b is None else torch.cat([cls_a, cls_b])
+    return torch.cat([seg_a, seg_b]), cls
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -397,7 +447,7 @@ def fit(
         target = torch.from_numpy(np.ascontiguousarray(masks)).long().to(device)
         has_mask = torch.from_numpy(train.has_mask[index]).to(device)
         labels = torch.from_numpy(train.labels[index]).to(device)
-        seg_logits, cls_logits = _split_outputs(module(x))
+        seg_logits, cls_logits = _forward(module, x, batches.k, config.label_bn)
         record: dict[str, float] = {"step": step + 1, "lr": optimiser.param_groups[0]["lr"]}
         total = seg_logits.sum() * 0
         if has_mask.any() and bool((target[has_mask] != IGNORE).any()):

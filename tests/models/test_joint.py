@@ -184,6 +184,72 @@ def test_joint_training_lowers_both_losses(tissue_patches: PatchDataset) -> None
     assert 0 <= evals[-1]["val_seg_mean_dice"] <= 1
 
 
+def test_label_only_patches_and_batchnorm() -> None:
+    """``label_bn``: in one shared pass the label-only patches change what the masked
+    patches' outputs are (BatchNorm batch statistics); the two-pass modes keep the
+    masked patches' pass as if alone; ``masked-running`` and ``frozen`` leave the running
+    statistics as the masked pass made them, and ``frozen`` normalises the label-only
+    patches with them."""
+    from copy import deepcopy
+
+    from models.seg_training import _forward
+
+    torch.manual_seed(0)
+    net = JointSegClassNet(3).train()
+    x = torch.randn(6, 3, 64, 64)
+    x[2:] = x[2:] * 3 + 1  # label-only patches with other statistics
+    alone = deepcopy(net)
+    seg_alone = alone(x[:2])["probabilities"]
+    shared = deepcopy(net)
+    seg, cls = _forward(shared, x, 2, "shared")
+    assert seg.shape == (6, 3, 64, 64) and cls is not None and cls.shape == (6, 3)
+    assert not torch.allclose(seg[:2], seg_alone, atol=1e-4)
+    for mode in ("separate", "masked-running", "frozen"):
+        net_mode = deepcopy(net)
+        seg, cls = _forward(net_mode, x, 2, mode)
+        assert seg.shape == (6, 3, 64, 64) and cls is not None and cls.shape == (6, 3)
+        assert torch.allclose(seg[:2], seg_alone, atol=1e-5), mode
+        bn, bn_alone = net_mode.encoder[1], alone.encoder[1]
+        same_stats = torch.allclose(bn.running_mean, bn_alone.running_mean)
+        assert same_stats == (mode != "separate"), mode
+        assert all(m.training for m in net_mode.modules())  # train mode is restored
+        assert all(m.track_running_stats for m in net_mode.modules()
+                   if isinstance(m, nn.BatchNorm2d))
+        if mode == "masked-running":  # the label-only patches by their own batch statistics
+            assert torch.allclose(seg[2:], deepcopy(net)(x[2:])["probabilities"], atol=1e-5)
+    frozen = deepcopy(net)
+    seg, _ = _forward(frozen, x, 2, "frozen")
+    assert torch.allclose(seg[2:], deepcopy(alone).eval()(x[2:])["probabilities"], atol=1e-5)
+    # no masked patch in the batch: one pass, whatever the mode
+    assert torch.allclose(_forward(deepcopy(net), x, 0, "frozen")[0],
+                          deepcopy(net)(x)["probabilities"], atol=1e-5)
+
+
+def test_label_only_patches_reach_training_only_through_the_chosen_route(
+        tissue_patches: PatchDataset) -> None:
+    """Without L_cls, the label-only patches can only act through BatchNorm: in one shared
+    pass they change the trained weights, in ``masked-running`` (the experiment's
+    default) neither the weights nor the running statistics see them."""
+    data = limit_masks(tissue_patches.subset(np.arange(16)), 0.25, seed=0)
+    other = data.subset(np.arange(len(data)))
+    label_only = ~other.has_mask
+    other.images[label_only] = 255 - other.images[label_only]  # different label-only patches
+    card = joint_card()
+
+    def train(patches: PatchDataset, label_bn: str) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        module = build_module(card)
+        fit(module, card, patches, FitConfig(steps=3, batch_size=4, masked_per_batch=2,
+                                             lr=1e-3, cls_weight=0.0, label_bn=label_bn))
+        return module.state_dict()
+
+    def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert same(train(data, "masked-running"), train(other, "masked-running"))
+    assert not same(train(data, "shared"), train(other, "shared"))
+
+
 def test_resume_reproduces_an_uninterrupted_run(tissue_patches: PatchDataset, tmp_path: Path) -> None:
     data = limit_masks(tissue_patches.subset(np.arange(20)), 0.3, seed=0)
     whole, whole_history = _fit_joint(data, 6, tmp_path / "whole")
