@@ -82,8 +82,8 @@ class TileBatchLoader:
 
     def __iter__(self) -> Iterator[TileBatch]:
         pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="tile-read")
-        # each batch is read as one task per worker (a task per tile costs a future, a
-        # lock and a wake-up each, a tenth of a tile's decode), straight into its array
+        # each batch is read as one task per worker, straight into its array: a task per
+        # tile costs a future, a lock and a thread wake-up for every tile
         part = -(-self.batch_size // self.workers)
         pending: deque[tuple[list[Tile], np.ndarray, list[Future[None]]]] = deque()
         upcoming = iter(self.tiles)
