@@ -59,9 +59,8 @@ class ChunkFiles:
     chunk shape with the fill value, C order, encoded by the array's compressor, stored at
     ``<array>/<i>/<j>/<k>`` ("/" separator). Chunks equal to the fill value are not
     stored, as zarr does. Files are written in place, without a temporary name and a
-    rename (a third of the file-system cost per chunk): results are built in a staging
-    folder that is moved into place only once complete (``workers.engine``), so no reader
-    sees a half-written chunk.
+    rename per chunk: results are built in a staging folder that is moved into place
+    only once complete (``workers.engine``), so no reader sees a half-written chunk.
     """
 
     def __init__(self, array: zarr.Array, root: Path) -> None:
