@@ -146,12 +146,12 @@ class TiffSlideBackend:
         return found
 
     def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
-        ds = self.level_downsamples[level]
-        # tiffslide maps back with int(x0 / ds): the smallest x0 with x0 / ds >= x hits x
-        x0, y0 = math.ceil(x * ds - 1e-9), math.ceil(y * ds - 1e-9)
         try:
             if self._tiled.covers(level):
                 return self._tiled.read(level, x, y, width, height)
+            ds = self.level_downsamples[level]
+            # tiffslide maps back with int(x0 / ds): the smallest x0 with x0 / ds >= x hits x
+            x0, y0 = math.ceil(x * ds - 1e-9), math.ceil(y * ds - 1e-9)
             return np.asarray(
                 self._slide.read_region((x0, y0), level, (width, height), as_array=True)
             )
