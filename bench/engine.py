@@ -1,6 +1,6 @@
 """Engine throughput against the raw decode ceiling, on one slide, in one run.
 
-    python bench/engine.py [--size 8192] [--unet-size 4096] [--threads N] [--skip-unet]
+    python bench/engine.py [--size 8192] [--unet-size 4096] [--threads N] [--skip-unet] [--repeats 3]
 
 1. The tile list: the engine's own plan (tissue mask + grid) for the identity model.
 2. Raw ``read_region`` tiles/s for openslide and tiffslide on exactly those tiles, with
@@ -10,6 +10,9 @@
    threads: tiles/s of its inference stage (read + model + blend + write overlapped)
    and of the whole job, and the ratios to the best library rate with N threads and to
    slidepipe's reader with N threads (what the engine's own stages cost beyond decoding).
+   Each run writes into the bench cache (not /tmp, see ``cache_dir``) after ``sync``,
+   so that no run pays for the writeback of the one before.
+Every rate is the median of ``--repeats`` runs (default 3).
 4. A seeded U-Net (ResNet-18, 256 px tiles): its own forward rate on pre-decoded
    batches, then the engine with it on the same tiles: the ratio engine/model says
    how well the pipeline hides decoding and blending behind the model on this CPU.
@@ -20,32 +23,46 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import real_tissue_slide, table  # noqa: E402
+from bench._common import (  # noqa: E402
+    cache_dir,
+    file_create_ms,
+    median_of,
+    real_tissue_slide,
+    scratch,
+    settle_disk,
+    table,
+)
 from bench.read import LIBRARIES, measure_all, plan_for  # noqa: E402
 
 
 def engine_rate(slide_path: Path, model: str, backend: str, threads: int, weights: Path | None) -> dict:
+    """One engine run into a scratch folder of the bench cache, after flushing the
+    previous run's writes."""
     from workers.engine import run_engine
     from workers.spec import RunSpec
 
-    out = Path(tempfile.mkdtemp(prefix="bench-engine-")) / "result.zarr"
-    try:
+    with scratch("engine-") as folder:
+        settle_disk()
         start = time.perf_counter()
-        result = run_engine(RunSpec(slide_path=slide_path, model=model, out_path=out, weights=weights,
-                                    backend=backend, read_workers=threads, device="cpu"))
+        result = run_engine(RunSpec(slide_path=slide_path, model=model, out_path=folder / "r.zarr",
+                                    weights=weights, backend=backend, read_workers=threads,
+                                    device="cpu"))
         total = time.perf_counter() - start
-    finally:
-        shutil.rmtree(out.parent, ignore_errors=True)
     return {"tiles": result.tiles_total, "infer_s": result.timings_s["infer"], "total_s": total,
             "timings": result.timings_s}
+
+
+def median_run(repeats: int, *args: object) -> dict:
+    """The run with the median inference time of ``repeats`` engine runs."""
+    runs = sorted((engine_rate(*args) for _ in range(max(1, repeats))),  # type: ignore[arg-type]
+                  key=lambda r: r["infer_s"])
+    return {**runs[len(runs) // 2], "infer_s_all": [r["infer_s"] for r in runs]}
 
 
 def unet_card(folder: Path) -> Path:
@@ -69,8 +86,9 @@ def unet_card(folder: Path) -> Path:
     return card.save(folder)
 
 
-def forward_rate(card_path: Path, slide: Path, tiles: list, batch_size: int) -> float:
-    """The model's own rate on pre-decoded batches (normalisation and softmax included)."""
+def forward_rate(card_path: Path, slide: Path, tiles: list, batch_size: int, repeats: int) -> float:
+    """The model's own rate on pre-decoded batches (normalisation and softmax included),
+    the median of ``repeats`` passes."""
     import numpy as np
 
     from models.card import read_card
@@ -84,10 +102,14 @@ def forward_rate(card_path: Path, slide: Path, tiles: list, batch_size: int) -> 
                            for t in tiles])
     predictor = Predictor(load_model(card), device="cpu")
     predictor(pixels[:batch_size])  # warm-up
-    start = time.perf_counter()
-    for i in range(0, len(pixels), batch_size):
-        predictor(pixels[i : i + batch_size])
-    return len(pixels) / (time.perf_counter() - start)
+
+    def one_pass() -> float:
+        start = time.perf_counter()
+        for i in range(0, len(pixels), batch_size):
+            predictor(pixels[i : i + batch_size])
+        return len(pixels) / (time.perf_counter() - start)
+
+    return median_of(repeats, one_pass)
 
 
 def main() -> None:
@@ -96,6 +118,8 @@ def main() -> None:
     parser.add_argument("--unet-size", type=int, default=4096, help="slide side for the U-Net part")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--skip-unet", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="each rate is the median of this many runs")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
@@ -103,7 +127,7 @@ def main() -> None:
     plan = plan_for(slide, "identity")
     tiles, tile_px = plan.tiles, plan.geometry.tile_px
     print(f"identity: slide {slide.name}, {len(tiles)} tissue tiles of {tile_px} px")
-    raw = measure_all(slide, tiles, tile_px, args.threads)
+    raw = measure_all(slide, tiles, tile_px, args.threads, repeats=args.repeats)
     rows = [[f"raw read_region {b}" if b in LIBRARIES else f"raw {b} reader (tiled path)", n,
              f"{r:.0f}", ""] for (b, n), r in raw.items()]
     # the issue's ceiling: the libraries' own read_region, at the engine's thread count
@@ -114,7 +138,7 @@ def main() -> None:
     figures: dict = {"slide_px": args.size, "tiles": len(tiles),
                      "raw_tiles_per_s": {f"{b}/{t}": r for (b, t), r in raw.items()}}
     for backend in ("openslide", "tiffslide"):
-        e = engine_rate(slide, "identity", backend, args.threads, None)
+        e = median_run(args.repeats, slide, "identity", backend, args.threads, None)
         infer_rate, job_rate = e["tiles"] / e["infer_s"], e["tiles"] / e["total_s"]
         rows.append([f"engine identity ({backend}), infer stage", args.threads, f"{infer_rate:.0f}",
                      f"{infer_rate / best:.2f}x best raw, {infer_rate / ours:.2f}x our reader"])
@@ -124,13 +148,11 @@ def main() -> None:
                                         "ratio_infer_vs_best_raw": infer_rate / best,
                                         "ratio_infer_vs_our_reader": infer_rate / ours}
     if not args.skip_unet:
-        from bench._common import cache_dir
-
         card = unet_card(cache_dir() / "engine-unet-r18")
         uslide = real_tissue_slide(args.unet_size)
         uplan = plan_for(uslide, str(card))
-        model_rate = forward_rate(card, uslide, uplan.tiles, 8)
-        e = engine_rate(uslide, str(card), "auto", args.threads, None)
+        model_rate = forward_rate(card, uslide, uplan.tiles, 8, args.repeats)
+        e = median_run(args.repeats, uslide, str(card), "auto", args.threads, None)
         infer_rate = e["tiles"] / e["infer_s"]
         rows.append(["unet forward on pre-decoded batches", "-", f"{model_rate:.1f}", ""])
         rows.append(["engine unet, infer stage", args.threads, f"{infer_rate:.1f}",
@@ -138,6 +160,10 @@ def main() -> None:
         figures["unet"] = {"tiles": len(uplan.tiles), "model_tiles_per_s": model_rate,
                            "engine": e, "ratio_engine_vs_model": infer_rate / model_rate}
     print(table(["what", "threads", "tiles/s", "ratio"], rows))
+    create_ms = file_create_ms(cache_dir())
+    figures["output_file_create_ms"] = create_ms
+    print(f"results written under {cache_dir()} (creating a 200 kB file there: {create_ms:.2f} ms; "
+          f"one per stored chunk); each rate is the median of {args.repeats} runs")
     print(f"best raw read_region: {best_key[0]} with {best_key[1]} threads, {best:.0f} tiles/s; "
           f"slidepipe's reader with {args.threads}: {ours:.0f} tiles/s")
     if args.json:

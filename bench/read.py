@@ -1,10 +1,11 @@
 """Raw tile decode rate: the ceiling the engine works under.
 
-    python bench/read.py [--size 8192] [--threads N]
+    python bench/read.py [--size 8192] [--threads N] [--repeats 3]
 
 openslide's and tiffslide's own ``read_region`` over the engine's tile list (tissue
 tiles of the identity model) on one real-tissue JPEG slide, with 1 and N threads (one
-slide handle per thread), after one warm-up pass so the page cache is equal for all.
+slide handle per thread), after one warm-up pass so the page cache is equal for all;
+each rate is the median of ``--repeats`` passes.
 Beside them, slidepipe's own reader (``wsi.reader.Slide``, tiffslide's tiled path: one
 handle shared by the threads, each slide tile decoded once into a shared cache), which
 is what the engine reads through by default.
@@ -22,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import real_tissue_slide, table  # noqa: E402
+from bench._common import median_of, real_tissue_slide, table  # noqa: E402
 
 
 def plan_for(slide_path: Path, model: str):  # type: ignore[no-untyped-def]
@@ -83,12 +84,15 @@ LIBRARIES = ("openslide", "tiffslide")
 
 
 def measure_all(slide: Path, tiles: list, tile_px: int, threads: int,
-                backends: tuple[str, ...] = (*LIBRARIES, "slidepipe")) -> dict[tuple[str, int], float]:
+                backends: tuple[str, ...] = (*LIBRARIES, "slidepipe"),
+                repeats: int = 1) -> dict[tuple[str, int], float]:
+    """Tiles/s per (backend, threads): the median of ``repeats`` passes after a warm-up."""
     rates = {}
     for backend in backends:
         for n in sorted({1, threads}):
             raw_rate(slide, backend, tiles[:64], tile_px, n)  # warm the page cache
-            rates[(backend, n)] = raw_rate(slide, backend, tiles, tile_px, n)
+            rates[(backend, n)] = median_of(
+                repeats, lambda b=backend, n=n: raw_rate(slide, b, tiles, tile_px, n))
     return rates
 
 
@@ -96,10 +100,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--repeats", type=int, default=3, help="median of this many passes")
     args = parser.parse_args()
     slide = real_tissue_slide(args.size)
     plan = plan_for(slide, "identity")
-    rates = measure_all(slide, plan.tiles, plan.geometry.tile_px, args.threads)
+    rates = measure_all(slide, plan.tiles, plan.geometry.tile_px, args.threads,
+                        repeats=args.repeats)
     base = rates[("openslide", 1)]
     print(f"slide {slide.name}: {len(plan.tiles)} tiles of {plan.geometry.tile_px} px")
     print(table(["backend", "threads", "tiles/s", "vs openslide/1"],

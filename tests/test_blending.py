@@ -327,9 +327,39 @@ def test_strips_with_spill_keep_memory_independent_of_width(tmp_path: Path) -> N
         assert set(canvas.sunk.values()) == {1}
         assert list(spill.iterdir()) == []
         assert merger.chunks_spilled > 0
+        # strips end on chunk edges here (6 strides = 3 chunks): a parked chunk holds
+        # only the previous strip's overhang, and only that slab goes to disk
+        overhang_slab = (2 + 1) * chunk * (tile - stride) * 4  # sums + weights, float32
+        assert merger.bytes_spilled <= merger.chunks_spilled * overhang_slab
         return merger.peak_open_chunks, merger.chunks_spilled
 
     narrow, _ = run(1024)
     wide, spilled = run(4096)
     assert wide == narrow, f"open chunks grew with the width: {narrow} -> {wide}"
     assert wide < 4096 // chunk, "fewer chunks open than one row of the wide canvas"
+
+
+def test_unnormalised_merger_hands_the_sink_weighted_sums(tmp_path: Path) -> None:
+    """``normalize=False``: the sink gets the weighted sums and weight sums undivided,
+    and dividing them gives the normalised merger's result, chunk for chunk."""
+    shape, chunk, tile = (150, 170), 64, 48
+    boxes = grid_boxes(shape, tile, 32, 0)
+    rng = np.random.default_rng(3)
+    tiles = [rng.random((2, tile, tile), dtype=np.float32) for _ in boxes]
+    window = weight_window(tile, tile, kind="gaussian")
+    got: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def keep(cy: int, cx: int, sums: np.ndarray, weights: np.ndarray) -> None:
+        got[(cy, cx)] = (sums.copy(), weights.copy())
+
+    merger = StreamingMerger(channels=2, shape=shape, chunk_px=chunk, boxes=boxes,
+                             window=window, sink=keep, normalize=False)
+    for t, (y, x, _, _) in zip(tiles, boxes):
+        merger.aggregate(t, (y, x))
+    merger.finalize()
+    _, canvas = merge(2, shape, chunk, boxes, tiles, window)
+    assert got.keys() == canvas.sunk.keys()
+    for (cy, cx), (sums, weights) in got.items():
+        assert weights.min() > 0
+        expected = canvas.values[:, cy * chunk : (cy + 1) * chunk, cx * chunk : (cx + 1) * chunk]
+        np.testing.assert_allclose(sums / weights, expected, rtol=1e-6, atol=1e-7)

@@ -11,6 +11,7 @@ that looks like a result.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import shutil
 import tempfile
@@ -63,8 +64,20 @@ def run_geometry(card: ModelCard, tile_px: int | None, overlap_px: int | None) -
 
 
 def strip_px(chunk_px: int, geometry: TileGeometry) -> int:
-    """Strip width on the target grid: STRIP_CHUNKS output chunks, at least one stride."""
-    return max(geometry.stride_px, STRIP_CHUNKS * chunk_px * geometry.output_stride)
+    """Strip width on the target grid: about STRIP_CHUNKS output chunks, at least one
+    stride, and where the tile stride allows it a whole number of tile strides that
+    ends on a chunk edge.
+
+    Why the edge: a chunk that tiles of two strips touch waits a whole strip for the
+    second, parked on disk. When the next strip's first tiles start on a chunk edge,
+    only the previous strip's overhang (the tile overlap) lies in that chunk, and only
+    that slab is parked."""
+    chunk_target = chunk_px * geometry.output_stride
+    nominal = max(geometry.stride_px, STRIP_CHUNKS * chunk_target)
+    period = math.lcm(geometry.stride_px, chunk_target)  # strides that end on a chunk edge
+    if period > 2 * nominal:
+        return nominal
+    return max(1, round(nominal / period)) * period
 TISSUE_RGBA = (0, 200, 0, 110)
 
 
@@ -275,6 +288,7 @@ def _infer(
             channels=layout.sinks[output.name].image.chunks[0], shape=plan.output_shape,
             chunk_px=spec.chunk_px, boxes=boxes, window=window, sink=stores[output.name],
             spill_dir=spill_dir, horizon=2 * strip_cols + 2,
+            normalize=False,  # the store divides on its way to uint8, off this thread
         )
     handoff: queue.Queue = queue.Queue(maxsize=2)
     failure: list[BaseException] = []
@@ -332,5 +346,6 @@ def _infer(
     if failure:
         raise failure[0]
     for name, merger in mergers.items():
-        log.info("%s: %d chunks written, at most %d open at once, %d parked on disk",
-                 name, merger.chunks_written, merger.peak_open_chunks, merger.chunks_spilled)
+        log.info("%s: %d chunks written, at most %d open at once, %d parked on disk (%.1f MB)",
+                 name, merger.chunks_written, merger.peak_open_chunks, merger.chunks_spilled,
+                 merger.bytes_spilled / 1e6)

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 
 from models.card import ModelCard, OutputSpec
+from wsi.blending import inverse_weights
 from wsi.ome_zarr import ChannelSpec, ChunkFiles, LabelSpec, ResultWriter, hex_to_rgba
 from wsi.tiling import Tile, TilePlan
 
@@ -26,19 +27,23 @@ def channel_specs(card: ModelCard, output: OutputSpec) -> list[ChannelSpec]:
 
 
 class DenseSink:
-    """Stores blended chunks of one dense output as uint8 (value / max_value x 255),
-    and, for class probabilities at the root, the argmax class map (0 = not computed)."""
+    """Stores chunks of one dense output as uint8 (value / max_value x 255), and, for
+    class probabilities at the root, the argmax class map (0 = not computed).
+
+    It takes the merger's weighted sums and weight sums (``StreamingMerger(normalize=
+    False)``) and divides on the way to uint8; the argmax needs no division at all, as
+    every pixel's weight sum is positive."""
 
     def __init__(self, image: ChunkFiles, max_value: float, classes: ChunkFiles | None) -> None:
         self.image, self.scale, self.classes = image, 255.0 / max_value, classes
 
-    def __call__(self, cy: int, cx: int, blended: np.ndarray, weights: np.ndarray) -> None:
+    def __call__(self, cy: int, cx: int, sums: np.ndarray, weights: np.ndarray) -> None:
         if self.classes is not None:
-            labels = class_map(blended, first=1)
+            labels = class_map(sums, first=1)
             if not weights.all():  # only chunks at the tissue's edge have uncovered pixels
                 labels *= weights > 0
             self.classes.write((cy, cx), labels)
-        self.image.write((0, cy, cx), to_uint8(blended, self.scale))
+        self.image.write((0, cy, cx), weighted_to_uint8(sums, weights, self.scale))
 
 
 def class_map(scores: np.ndarray, first: int = 0) -> np.ndarray:
@@ -69,6 +74,17 @@ def to_uint8(values: np.ndarray, scale: float) -> np.ndarray:
     sum with a zero second term), three times as fast as numpy's three passes."""
     flat = values.reshape(-1, values.shape[-1])
     return cv2.addWeighted(flat, scale, flat, 0.0, 0.0, dtype=cv2.CV_8U).reshape(values.shape)
+
+
+def weighted_to_uint8(sums: np.ndarray, weights: np.ndarray, scale: float) -> np.ndarray:
+    """``to_uint8(sums / weights, scale)`` for (C, h, w) weighted sums and (h, w) weight
+    sums, 0 where the weight is 0: one multiply per channel by ``scale / weights``,
+    rounded and saturated by OpenCV in the same pass."""
+    inverse = inverse_weights(weights, scale)
+    out = np.empty(sums.shape, np.uint8)
+    for channel in range(len(sums)):
+        cv2.multiply(sums[channel], inverse, dst=out[channel], dtype=cv2.CV_8U)
+    return out
 
 
 class ResultLayout:
