@@ -3,9 +3,11 @@
 The engine hands over ``(n, h, w, 3)`` uint8 numpy batches and gets back one float32
 array per output the card declares: ``(n, C, h', w')`` for dense outputs (class
 probabilities first), ``(n, C)`` for per-tile outputs. A module may return one tensor
-(taken as the first output) or a dict of tensors keyed by output name. On CUDA the batch goes through pinned memory with a non-blocking
-copy, the model runs channels-last under autocast (bf16 where supported), and only the
-(smaller) output comes back; on CPU it runs in float32. With ``tta=True`` every batch
+(taken as the first output) or a dict of tensors keyed by output name. BatchNorm is
+folded into the convolutions and the model runs channels-last on either device. On CUDA
+the batch goes through pinned memory with a non-blocking copy, the model runs under
+autocast (bf16 where supported), and only the (smaller) output comes back; on CPU it
+runs in float32. With ``tta=True`` every batch
 runs under the 8 flips/90° rotations, the outputs are averaged, and the per-pixel
 variance of the first dense output across those passes comes back as ``variance``.
 """
@@ -18,6 +20,7 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+from torch import nn
 
 from models.card import ACTIVATED_OUTPUTS, ModelCard, OutputSpec
 from models.errors import ModelCardInvalid
@@ -44,36 +47,73 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def fuse_conv_bn(module: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``module`` with each BatchNorm folded into the convolution
+    before it (torch.fx): one pass less over every activation map, the same outputs to
+    float rounding (~1e-6). A module that fx cannot trace is returned unchanged."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(module.eval(), inplace=False)
+    except Exception as err:  # noqa: BLE001 - tracing fails in many ways; fusing is optional
+        log.info("conv-BN fusion skipped for %s: %s", type(module).__name__, err)
+        return module
+
+
+def _to_numpy(y: torch.Tensor) -> np.ndarray:
+    """A C-contiguous NCHW host array, whatever the tensor's memory format."""
+    return y.contiguous().cpu().numpy()
+
+
 class Predictor:
     """Callable: uint8 NHWC batch -> float32 NCHW model output with the card's activation."""
 
     def __init__(self, loaded: LoadedModel, *, device: str = "auto", amp: bool | None = None,
-                 tta: bool = False, compile: bool = False) -> None:
+                 tta: bool = False, compile: bool = False, fuse: bool = True) -> None:
         self.card: ModelCard = loaded.card
         self.tta = tta
         self.device = resolve_device(device)
-        self.module = loaded.module.to(self.device).eval()
+        module = loaded.module.eval()
+        if fuse:
+            module = fuse_conv_bn(module)
         on_cuda = self.device.type == "cuda"
+        # channels-last wherever there are convolutions: oneDNN's run ~2x faster on it
+        # on CPU too (a ResNet-18 U-Net, 256 px tiles, 2 cores), and the uint8 NHWC
+        # batch maps onto it without a transpose
+        self.channels_last = on_cuda or any(isinstance(m, nn.Conv2d) for m in module.modules())
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.module = module.to(self.device, memory_format=memory_format)
         self.amp = on_cuda if amp is None else amp
         self.amp_dtype = (
             torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
         )
-        if on_cuda:
-            self.module = self.module.to(memory_format=torch.channels_last)
         if compile:  # compiled lazily, on the first batch of each new shape
             self.module = torch.compile(self.module, dynamic=False)
         norm = self.card.normalization
         mean = torch.tensor(norm.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
         std = torch.tensor(norm.std, dtype=torch.float32).view(1, 3, 1, 1) * 255
         self._mean, self._std = mean.to(self.device), std.to(self.device)
-        self._cpu_offset, self._cpu_scale = mean.numpy(), (1.0 / std).numpy()
+        self._cpu_offset, self._cpu_scale = mean.numpy().ravel(), (1.0 / std).numpy().ravel()
 
-    def _normalise_cpu(self, batch: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
-        if self._cpu_offset.any():  # zero for cards that only scale to [0, 1]
-            x -= self._cpu_offset
-        x *= self._cpu_scale
-        return x
+    def _normalise_cpu(self, batch: np.ndarray) -> torch.Tensor:
+        """uint8 NHWC -> normalised float32 NCHW, in channels-last memory (a contiguous
+        cast of the batch as it is) or contiguous (numpy's transpose+cast, ~4x faster
+        than torch's)."""
+        if not self.channels_last:
+            x = np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
+            if self._cpu_offset.any():  # zero for cards that only scale to [0, 1]
+                x -= self._cpu_offset.reshape(1, 3, 1, 1)
+            x *= self._cpu_scale.reshape(1, 3, 1, 1)
+            return torch.from_numpy(x)
+        n, h, w, _ = batch.shape
+        x = batch.astype(np.float32)
+        # per-channel constants tiled along a pixel row: numpy's broadcast over a last
+        # axis of 3 runs an inner loop of length 3, ~10x slower
+        rows = x.reshape(n * h, w * 3)
+        if self._cpu_offset.any():
+            rows -= np.tile(self._cpu_offset, w)
+        rows *= np.tile(self._cpu_scale, w)
+        return torch.from_numpy(x).permute(0, 3, 1, 2)
 
     @torch.inference_mode()
     def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -85,10 +125,9 @@ class Predictor:
             x = (x.permute(0, 3, 1, 2).float() - self._mean) / self._std
             x = x.contiguous(memory_format=torch.channels_last)
         else:
-            # numpy's transpose+cast is ~4x faster than torch's on CPU for this layout
-            x = torch.from_numpy(self._normalise_cpu(batch))
+            x = self._normalise_cpu(batch)
         if not self.tta:
-            return {name: y.cpu().numpy() for name, y in self._forward(x).items()}
+            return {name: _to_numpy(y) for name, y in self._forward(x).items()}
         return self._forward_tta(x)
 
     def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -149,9 +188,9 @@ class Predictor:
                         delta = y - mean
                         mean += delta / n
                         m2 += delta * (y - mean)
-        outputs = {name: (total / len(transforms)).cpu().numpy() for name, total in sums.items()}
+        outputs = {name: _to_numpy(total / len(transforms)) for name, total in sums.items()}
         assert m2 is not None
-        outputs[VARIANCE] = (m2 / len(transforms)).clamp_(min=0).cpu().numpy()
+        outputs[VARIANCE] = _to_numpy((m2 / len(transforms)).clamp_(min=0))
         return outputs
 
     def _activate(self, y: torch.Tensor) -> torch.Tensor:

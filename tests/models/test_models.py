@@ -15,7 +15,14 @@ from models.architectures import build_module
 from models.card import ModelCard, read_card
 from models.errors import CheckpointUnreadable, ModelCardInvalid, UnknownModel
 from models.predictor import Predictor, resolve_device
-from models.registry import BUILTIN_CARDS, list_model_cards, load_model, resolve_card, save_weights
+from models.registry import (
+    BUILTIN_CARDS,
+    LoadedModel,
+    list_model_cards,
+    load_model,
+    resolve_card,
+    save_weights,
+)
 
 
 def _small_unet_card(**update: object) -> ModelCard:
@@ -98,6 +105,25 @@ def test_weights_roundtrip_and_mismatch(tmp_path: Path) -> None:
         load_model(card, weights=tmp_path / "corrupt.safetensors")
     with pytest.raises(CheckpointUnreadable, match="no weights file"):
         load_model(card, weights=tmp_path / "missing.safetensors")
+
+
+def test_predictor_folds_batchnorm_and_runs_channels_last() -> None:
+    """The U-Net runs with BatchNorm folded into its convolutions and in channels-last
+    memory (its CPU speed-up), matches the unfused module, and hands back C-contiguous
+    NCHW arrays; the caller's module keeps its BatchNorm layers."""
+    torch.manual_seed(2)
+    card = _small_unet_card()
+    module = build_module(card).eval()
+    loaded = LoadedModel(card, module, None, None)
+    fused = Predictor(loaded, device="cpu")
+    plain = Predictor(loaded, device="cpu", fuse=False)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.module.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in module.modules())
+    assert fused.channels_last
+    batch = np.random.default_rng(1).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
+    got, want = fused(batch)["probabilities"], plain(batch)["probabilities"]
+    assert got.flags.c_contiguous and got.shape == (3, len(card.classes), 64, 64)
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_unet_needs_weights_unless_random_init_is_asked_for() -> None:
