@@ -31,7 +31,7 @@ from models.stain_transfer import StainedPredictor
 from workers.chunk_writer import BackgroundSink
 from workers.heap import reuse_freed_blocks, trim_heap
 from workers.provenance import jsonable, package_versions, utc_now
-from workers.result_layout import ResultLayout
+from workers.result_layout import STORE_TYPES, ResultLayout
 from workers.spec import CancelCheck, Progress, ProgressCallback, RunCancelled, RunResult, RunSpec
 from workers.stain_steps import build_stain_step, describe_steps
 from wsi.blending import StreamingMerger, weight_window
@@ -90,6 +90,9 @@ def _validate(spec: RunSpec) -> None:
         raise InvalidParameter(f"read_workers must be in [1, 64], got {spec.read_workers}")
     if spec.stain_output and not spec.stain:
         raise InvalidParameter("stain_output stores a stain step's output: give a stain step")
+    if spec.probability_dtype not in STORE_TYPES:
+        raise InvalidParameter(f"probability_dtype must be one of {', '.join(STORE_TYPES)}, "
+                               f"got {spec.probability_dtype!r}")
     if spec.target_mpp is not None and not 0 < spec.target_mpp <= 256:
         raise InvalidParameter(f"target_mpp must be in (0, 256] µm/px, got {spec.target_mpp}")
 
@@ -202,7 +205,8 @@ def run_engine(
         out_h, out_w = plan.output_shape
         writer = ResultWriter(tmp, height=out_h, width=out_w, mpp=plan.output_mpp,
                               chunk_px=spec.chunk_px)
-        layout = ResultLayout(writer, card, plan, extra_dense=predictor.extra_outputs)
+        layout = ResultLayout(writer, card, plan, extra_dense=predictor.extra_outputs,
+                              probability_dtype=spec.probability_dtype)
         tissue = writer.create_label(LabelSpec("tissue", {1: ("tissue", TISSUE_RGBA)}))
 
         with timer.stage("infer"):

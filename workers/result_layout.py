@@ -1,7 +1,8 @@
 """Where each model output goes in the result, and how blended chunks are stored.
 
 Dense outputs become multiscale uint8 images (the first one at the root, the others in
-groups named after them); when the root is class probabilities, an argmax class map is
+groups named after them; class maps optionally uint16, for 1/65535 rather than 1/255
+steps); when the root is class probabilities, an argmax class map is
 stored as labels beside it. Per-tile outputs are stored on the tile grid as a small
 float32 image whose pixels are tiles.
 """
@@ -26,16 +27,23 @@ def channel_specs(card: ModelCard, output: OutputSpec) -> list[ChannelSpec]:
     return [ChannelSpec(c.name, c.color) for c in card.classes]
 
 
+#: Integer types a dense output may be stored as: numpy type and OpenCV depth.
+STORE_TYPES: dict[str, tuple[type[np.unsignedinteger], int]] = {
+    "uint8": (np.uint8, cv2.CV_8U), "uint16": (np.uint16, cv2.CV_16U)}
+
+
 class DenseSink:
-    """Stores chunks of one dense output as uint8 (value / max_value x 255), and, for
-    class probabilities at the root, the argmax class map (0 = not computed).
+    """Stores chunks of one dense output as unsigned integers (value / max_value x the
+    type's maximum: 255 for uint8), and, for class probabilities at the root, the argmax
+    class map (0 = not computed).
 
     It takes the merger's weighted sums and weight sums (``StreamingMerger(normalize=
-    False)``) and divides on the way to uint8; the argmax needs no division at all, as
-    every pixel's weight sum is positive."""
+    False)``) and divides on the way to integers; the argmax needs no division at all,
+    as every pixel's weight sum is positive."""
 
     def __init__(self, image: ChunkFiles, max_value: float, classes: ChunkFiles | None) -> None:
-        self.image, self.scale, self.classes = image, 255.0 / max_value, classes
+        self.image, self.classes = image, classes
+        self.scale = float(np.iinfo(image.dtype).max) / max_value
 
     def __call__(self, cy: int, cx: int, sums: np.ndarray, weights: np.ndarray) -> None:
         if self.classes is not None:
@@ -43,7 +51,8 @@ class DenseSink:
             if not weights.all():  # only chunks at the tissue's edge have uncovered pixels
                 labels *= weights > 0
             self.classes.write((cy, cx), labels)
-        self.image.write((0, cy, cx), weighted_to_uint8(sums, weights, self.scale))
+        self.image.write((0, cy, cx), weighted_to_integers(sums, weights, self.scale,
+                                                           self.image.dtype))
 
 
 def class_map(scores: np.ndarray, first: int = 0) -> np.ndarray:
@@ -76,14 +85,19 @@ def to_uint8(values: np.ndarray, scale: float) -> np.ndarray:
     return cv2.addWeighted(flat, scale, flat, 0.0, 0.0, dtype=cv2.CV_8U).reshape(values.shape)
 
 
-def weighted_to_uint8(sums: np.ndarray, weights: np.ndarray, scale: float) -> np.ndarray:
-    """``to_uint8(sums / weights, scale)`` for (C, h, w) weighted sums and (h, w) weight
-    sums, 0 where the weight is 0: one multiply per channel by ``scale / weights``,
-    rounded and saturated by OpenCV in the same pass."""
+def weighted_to_integers(sums: np.ndarray, weights: np.ndarray, scale: float,
+                         dtype: np.dtype | type = np.uint8) -> np.ndarray:
+    """``rint(clip(sums / weights * scale))`` as ``dtype`` (uint8 or uint16) for (C, h, w)
+    weighted sums and (h, w) weight sums, 0 where the weight is 0: one multiply per
+    channel by ``scale / weights``, rounded and saturated by OpenCV in the same pass."""
+    dtype = np.dtype(dtype)
+    depth = {np.dtype(t): d for t, d in STORE_TYPES.values()}.get(dtype)
+    if depth is None:
+        raise ValueError(f"store as one of {', '.join(STORE_TYPES)}, got {dtype}")
     inverse = inverse_weights(weights, scale)
-    out = np.empty(sums.shape, np.uint8)
+    out = np.empty(sums.shape, dtype)
     for channel in range(len(sums)):
-        cv2.multiply(sums[channel], inverse, dst=out[channel], dtype=cv2.CV_8U)
+        cv2.multiply(sums[channel], inverse, dst=out[channel], dtype=depth)
     return out
 
 
@@ -91,14 +105,21 @@ class ResultLayout:
     """Creates the arrays for ``card``'s outputs and hands out one sink per dense output."""
 
     def __init__(self, writer: ResultWriter, card: ModelCard, plan: TilePlan,
-                 extra_dense: list[OutputSpec] | None = None) -> None:
+                 extra_dense: list[OutputSpec] | None = None,
+                 probability_dtype: str = "uint8") -> None:
+        if probability_dtype not in STORE_TYPES:
+            raise ValueError(f"probability_dtype must be one of {', '.join(STORE_TYPES)}, "
+                             f"got {probability_dtype!r}")
         self.writer, self.card, self.plan = writer, card, plan
         self.dense = [o for o in card.outputs if o.kind == "dense"] + list(extra_dense or [])
         self.per_tile = [o for o in card.outputs if o.kind == "per_tile"]
         self.sinks: dict[str, DenseSink] = {}
         for index, output in enumerate(self.dense):
             group = "" if index == 0 else output.name
-            image = writer.create_image(group, output.name, channel_specs(card, output))
+            # class maps may take the finer type; RGB outputs are 8-bit images
+            dtype = probability_dtype if output.channels == "classes" else "uint8"
+            image = writer.create_image(group, output.name, channel_specs(card, output),
+                                        dtype=dtype)
             classes = None
             if index == 0 and output.channels == "classes":
                 classes = writer.chunk_files(writer.create_label(LabelSpec(

@@ -50,7 +50,7 @@ def render_heatmap(
     if name not in classes:
         raise KeyError(f"no class {name!r} in this result; classes are {', '.join(classes)}")
     level = _pick_level(root, max_px)
-    probability = np.asarray(level[classes.index(name)])
+    probability = as_uint8(np.asarray(level[classes.index(name)]))
     h, w = probability.shape
     # the map plus its legend bar fit max_px x max_px, touching it on the longer side
     scale = min(max_px / w, (max_px - LEGEND_PX) / h)
@@ -63,6 +63,15 @@ def render_heatmap(
         alpha = (0.25 + 0.6 * probability.astype(np.float32) / 255)[..., None]
         colour = (alpha * colour + (1 - alpha) * thumb).round().astype(np.uint8)
     return np.vstack([colour, legend_bar(size[0], name)])
+
+
+def as_uint8(values: np.ndarray) -> np.ndarray:
+    """A stored probability map on the 0-255 scale the colour map takes (results store
+    uint8, or uint16 when asked for finer steps)."""
+    if values.dtype == np.uint8:
+        return values
+    top = float(np.iinfo(values.dtype).max)
+    return cv2.convertScaleAbs(values, alpha=255.0 / top)
 
 
 def legend_bar(width: int, label: str) -> np.ndarray:

@@ -153,7 +153,8 @@ def multiscales_attrs(
 
 
 def _downsample_mean(block: np.ndarray) -> np.ndarray:
-    """2x2 mean over the last two axes, edge-replicating odd sizes (uint8 in and out)."""
+    """2x2 mean over the last two axes, edge-replicating odd sizes (uint8 or uint16 in
+    and out, the same type)."""
     h, w = block.shape[-2:]
     pad = [(0, 0)] * (block.ndim - 2) + [(0, h % 2), (0, w % 2)]
     if h % 2 or w % 2:
@@ -201,9 +202,12 @@ class ResultWriter:
             )
         return group["0"]  # type: ignore[return-value]
 
-    def create_image(self, group_path: str, name: str, channels: Sequence[ChannelSpec]) -> zarr.Array:
-        """A (c, y, x) uint8 multiscale image at ``group_path`` ("" is the root)."""
-        array = self._create(group_path, len(channels))
+    def create_image(self, group_path: str, name: str, channels: Sequence[ChannelSpec],
+                     dtype: str = "uint8") -> zarr.Array:
+        """A (c, y, x) multiscale image of unsigned integers (uint8 unless said) at
+        ``group_path`` ("" is the root); viewers' display window spans the whole type."""
+        array = self._create(group_path, len(channels), dtype)
+        top = int(np.iinfo(np.dtype(dtype)).max)
         group = self.root[group_path] if group_path else self.root
         group.attrs["multiscales"] = multiscales_attrs(
             name, len(self.shapes), self.mpp, with_channel=True, downsampling="mean"
@@ -219,7 +223,7 @@ class ResultWriter:
                     "coefficient": 1,
                     "family": "linear",
                     "inverted": False,
-                    "window": {"start": 0, "end": 255, "min": 0, "max": 255},
+                    "window": {"start": 0, "end": top, "min": 0, "max": top},
                 }
                 for ch in channels
             ],

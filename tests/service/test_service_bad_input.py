@@ -145,6 +145,7 @@ def test_unknown_model_is_422_before_queueing(
         ({"target_mpp": 1e9}, "target_mpp"),
         ({"batch_size": 0}, "batch_size"),
         ({"window": "hann"}, "window"),
+        ({"probability_dtype": "float64"}, "probability_dtype"),
         ({"out_path": "/etc"}, "out_path"),  # server-side fields cannot be set
     ],
 )

@@ -45,7 +45,7 @@ def test_joint_and_unet_jobs_by_model_name(
         assert r.status_code == 422
         jobs = {}
         for model, params in (("joint-stain", {"tta": True, "batch_size": 16}),
-                              ("unet-stain", {"batch_size": 16})):
+                              ("unet-stain", {"batch_size": 16, "probability_dtype": "uint16"})):
             r = alice.post("/v1/jobs", json={"slide_id": slide["id"], "model": model,
                                              "parameters": params})
             assert r.status_code == 202, r.text
@@ -62,6 +62,8 @@ def test_joint_and_unet_jobs_by_model_name(
         assert root.metadata["channel_names"] == ["background", "stroma", "nuclei"]
         probabilities = np.asarray(root.data[0])
         assert probabilities.shape[0] == 3 and probabilities.max() > 0
+        # the unet job asked for 1/65535 steps; the class map stays a uint8 label image
+        assert probabilities.dtype == (np.uint16 if model == "unet-stain" else np.uint8)
         labels = {n.metadata.get("name") for n in nodes if any(isinstance(x, Label) for x in n.specs)}
         assert labels == {"classes", "tissue"}
         groups = {p.name for p in out.iterdir() if p.is_dir()}
