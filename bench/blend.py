@@ -1,6 +1,6 @@
 """Our streaming blend against MONAI's sliding_window_inference, same image, same model.
 
-    python bench/blend.py [--sizes 1536,4096,8192] [--tile 256] [--overlap 64]
+    python bench/blend.py [--sizes 1536,4096,8192] [--tile 256] [--overlap 64] [--repeats N]
     python bench/blend.py --model identity --sizes 20000   # memory at a size MONAI barely holds
 
 The model is one seeded segmentation-models-pytorch U-Net (ResNet-18 encoder, depth 3),
@@ -12,14 +12,19 @@ Both sides apply the card's activation per window. Methods, each in a fresh proc
 that its peak RSS is its own:
 
 - ``monai-constant`` / ``monai-gaussian``: ``sliding_window_inference`` on the image as a
-  float tensor in memory (as MONAI users hold it), output canvas in memory.
+  float tensor in memory (as MONAI users hold it), output canvas in memory, the module
+  as built (NCHW, BatchNorm separate).
+- ``monai-gaussian-fused``: the same, running the module exactly as slidepipe's
+  predictor does (BatchNorm folded into the convolutions, channels-last memory), so that
+  the difference to slidepipe is the pipeline (reading, blending, writing), not the model.
 - ``slidepipe-tent`` / ``slidepipe-gaussian``: ``run_engine`` on the same pixels stored
   as a lossless pyramidal TIFF: it reads tiles from disk, blends chunk by chunk and
-  writes uint8 OME-Zarr (whole job timed, inference stage reported too).
+  writes uint8 OME-Zarr (whole job timed, inference stage reported too);
+  ``slidepipe-gaussian-u16`` stores uint16 probabilities (``probability_dtype``).
 
 For the smallest size (up to 4096 px) the seam error is measured: mean absolute
 difference of each method's class-1 probability from one whole-image pass of the same
-model.
+model; for MONAI's float output also after rounding to uint8, like for like.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -34,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import cache_dir, run_child, table  # noqa: E402
+from bench._common import cache_dir, run_child, settle_disk, table  # noqa: E402
 
 GIB = 2**30
 MPP = 1.0
@@ -95,15 +101,21 @@ def child_monai(npy: str, card: str, mode: str, out: str) -> None:
     from monai.inferers import sliding_window_inference
 
     from models.card import read_card
+    from models.predictor import fuse_conv_bn
     from models.registry import load_model
 
     c = read_card(Path(card))
+    mode, _, variant = mode.partition("+")
     model = load_model(c).module.eval()
+    if variant == "fused":  # the module as slidepipe's predictor runs it
+        model = fuse_conv_bn(model).to(memory_format=torch.channels_last)
     image = np.load(npy)
     mean = torch.tensor(c.normalization.mean).view(1, 3, 1, 1) * 255
     std = torch.tensor(c.normalization.std).view(1, 3, 1, 1) * 255
 
     def predictor(window: torch.Tensor) -> torch.Tensor:  # the activation per window, as ours
+        if variant == "fused":
+            window = window.contiguous(memory_format=torch.channels_last)
         out = model(window)
         return torch.softmax(out, 1) if c.activation == "softmax" else out
 
@@ -126,13 +138,17 @@ def child_ours(slide: str, card: str, window: str, out: str) -> None:
     from workers.engine import run_engine
     from workers.spec import RunSpec
 
-    result = Path(tempfile.mkdtemp(prefix="bench-blend-")) / "r.zarr"
+    window, _, dtype = window.partition("+")
+    result = Path(tempfile.mkdtemp(prefix="blend-", dir=cache_dir())) / "r.zarr"
+    settle_disk()
     start = time.perf_counter()
     r = run_engine(RunSpec(slide_path=Path(slide), model=card, out_path=result, window=window,
-                           tissue_method="none", device="cpu", batch_size=8))
+                           tissue_method="none", device="cpu", batch_size=8,
+                           probability_dtype=dtype or "uint8"))
     seconds = time.perf_counter() - start
     if out != "-":
-        np.save(out, np.asarray(zarr.open_group(str(result), mode="r")["0"][1]).astype(np.float32) / 255)
+        stored = np.asarray(zarr.open_group(str(result), mode="r")["0"][1])
+        np.save(out, stored.astype(np.float32) / np.iinfo(stored.dtype).max)
     shutil.rmtree(result.parent, ignore_errors=True)
     print(json.dumps({"seconds": seconds, "infer_s": r.timings_s["infer"]}))
 
@@ -160,6 +176,8 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--overlap", type=int, default=64)
     parser.add_argument("--model", choices=("unet", "identity"), default="unet")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs per method, interleaved; times are medians")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -171,35 +189,44 @@ def main() -> None:
     card = card_for(cache_dir() / f"blend-{args.model}-{args.tile}-{args.overlap}", args.tile,
                     args.overlap, args.model)
     methods = [("monai-constant", "monai", "constant"), ("monai-gaussian", "monai", "gaussian"),
-               ("slidepipe-tent", "ours", "tent"), ("slidepipe-gaussian", "ours", "gaussian")]
+               ("monai-gaussian-fused", "monai", "gaussian+fused"),
+               ("slidepipe-tent", "ours", "tent"), ("slidepipe-gaussian", "ours", "gaussian"),
+               ("slidepipe-gaussian-u16", "ours", "gaussian+uint16")]
     rows, figures = [], []
     sizes = [int(s) for s in args.sizes.split(",")]
     for size in sizes:
         npy, slide = image_for(size)
         # the seam reference is one whole-image pass: only for a size that fits beside MONAI
         reference = whole_pass(npy, card) if size == sizes[0] and size <= SEAM_MAX_PX else None
-        measured = {}
-        for name, kind, mode in methods:
-            out = str(cache_dir() / f"blend-out-{name}.npy") if reference is not None else "-"
-            src = str(npy) if kind == "monai" else str(slide)
-            report, rss = run_child(["bench/blend.py", "--child", kind, src, str(card), mode, out])
-            seam = seam8 = None
-            if reference is not None:
-                p = np.load(out)
-                seam = float(np.abs(p - reference).mean())
-                # like for like: our result is stored as uint8, so quantise theirs too
-                seam8 = float(np.abs(np.rint(p * 255) / 255 - reference).mean())
-            measured[name] = (report, rss, seam, seam8)
-            figures.append({"size": size, "method": name, "peak_rss": rss, "seam_mae": seam,
-                            "seam_mae_uint8": seam8, **report})
-        base_t, base_rss = measured["monai-gaussian"][0]["seconds"], measured["monai-gaussian"][1]
-        for name, (report, rss, seam, seam8) in measured.items():
-            rows.append([f"{size:,}", name, f"{report['seconds']:.1f}",
-                         f"{base_t / report['seconds']:.2f}x", f"{rss / GIB:.2f}",
-                         f"{rss / base_rss:.2f}x", "" if seam is None else f"{seam:.4f}",
-                         "" if seam8 is None else f"{seam8:.4f}"])
-    print(table(["image px", "method", "wall s", "speed vs monai-gaussian", "peak RSS GiB",
-                 "RSS vs monai-gaussian", "seam MAE", "seam MAE as uint8"], rows))
+        measured: dict[str, tuple[list[float], int, float | None, float | None]] = {}
+        for round_ in range(max(1, args.repeats)):  # methods interleaved, round after round
+            for name, kind, mode in methods:
+                seam_run = reference is not None and round_ == 0
+                out = str(cache_dir() / f"blend-out-{name}.npy") if seam_run else "-"
+                src = str(npy) if kind == "monai" else str(slide)
+                report, rss = run_child(["bench/blend.py", "--child", kind, src, str(card), mode, out])
+                times, peak, seam, seam8 = measured.get(name, ([], 0, None, None))
+                if seam_run:
+                    p = np.load(out)
+                    seam = float(np.abs(p - reference).mean())
+                    # like for like: our result is stored as uint8, so quantise theirs too
+                    seam8 = float(np.abs(np.rint(p * 255) / 255 - reference).mean())
+                measured[name] = ([*times, report["seconds"]], max(peak, rss), seam, seam8)
+                figures.append({"size": size, "method": name, "round": round_, "peak_rss": rss,
+                                "seam_mae": seam, "seam_mae_uint8": seam8, **report})
+        median = {name: statistics.median(m[0]) for name, m in measured.items()}
+        base_t, base_rss = median["monai-gaussian"], measured["monai-gaussian"][1]
+        fused_t = median["monai-gaussian-fused"]
+        for name, (times, rss, seam, seam8) in measured.items():
+            rows.append([f"{size:,}", name, f"{median[name]:.1f}",
+                         " ".join(f"{t:.1f}" for t in times),
+                         f"{base_t / median[name]:.2f}x", f"{fused_t / median[name]:.2f}x",
+                         f"{rss / GIB:.2f}", f"{rss / base_rss:.2f}x",
+                         "" if seam is None else f"{seam:.6f}",
+                         "" if seam8 is None or name.startswith("slidepipe") else f"{seam8:.6f}"])
+    print(table(["image px", "method", "median wall s", "runs", "speed vs monai-gaussian",
+                 "vs monai-gaussian-fused", "peak RSS GiB", "RSS vs monai-gaussian",
+                 "seam MAE", "MONAI's seam MAE rounded to uint8"], rows))
     print(json.dumps(figures))
 
 
