@@ -32,10 +32,17 @@ def cache_dir() -> Path:
     return path
 
 
+def ram_dir() -> Path | None:
+    """A RAM-backed folder (``/dev/shm``) when this machine has a writable one."""
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
 @contextmanager
-def scratch(prefix: str) -> Iterator[Path]:
-    """A fresh folder under :func:`cache_dir` for one run's result, removed afterwards."""
-    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=cache_dir()))
+def scratch(prefix: str, parent: Path | None = None) -> Iterator[Path]:
+    """A fresh folder under ``parent`` (default :func:`cache_dir`) for one run's result,
+    removed afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent or cache_dir()))
     try:
         yield folder
     finally:

@@ -31,8 +31,12 @@ import zarr
 
 NGFF_VERSION = "0.4"
 #: lz4 is ~10x faster than zstd here and is zarr-python's own default, so every
-#: OME-Zarr reader decodes it; chunk writes sit on the engine's critical path.
-COMPRESSOR = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
+#: OME-Zarr reader decodes it; chunk writes sit on the engine's critical path. 64 KiB
+#: blocks encode a 512 px RGB chunk in 0.24 ms against 0.41 ms with Blosc's automatic
+#: block size, for 1% more bytes (real H&E, 200 chunks); the size is in each chunk's
+#: header, so readers need nothing.
+COMPRESSOR = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE,
+                             blocksize=1 << 16)
 CHUNK_KEYS = {"name": "v2", "separator": "/"}
 
 
