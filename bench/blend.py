@@ -20,7 +20,8 @@ that its peak RSS is its own:
 - ``slidepipe-tent`` / ``slidepipe-gaussian``: ``run_engine`` on the same pixels stored
   as a lossless pyramidal TIFF: it reads tiles from disk, blends chunk by chunk and
   writes uint8 OME-Zarr (whole job timed, inference stage reported too);
-  ``slidepipe-gaussian-u16`` stores uint16 probabilities (``probability_dtype``).
+  ``slidepipe-gaussian-u16`` / ``-f32`` store uint16 / float32 probabilities
+  (``probability_dtype``).
 
 For the smallest size (up to 4096 px) the seam error is measured: mean absolute
 difference of each method's class-1 probability from one whole-image pass of the same
@@ -137,6 +138,7 @@ def child_ours(slide: str, card: str, window: str, out: str) -> None:
 
     from workers.engine import run_engine
     from workers.spec import RunSpec
+    from wsi.ome_zarr import full_scale
 
     window, _, dtype = window.partition("+")
     result = Path(tempfile.mkdtemp(prefix="blend-", dir=cache_dir())) / "r.zarr"
@@ -148,7 +150,7 @@ def child_ours(slide: str, card: str, window: str, out: str) -> None:
     seconds = time.perf_counter() - start
     if out != "-":
         stored = np.asarray(zarr.open_group(str(result), mode="r")["0"][1])
-        np.save(out, stored.astype(np.float32) / np.iinfo(stored.dtype).max)
+        np.save(out, stored.astype(np.float32) / full_scale(stored.dtype))
     shutil.rmtree(result.parent, ignore_errors=True)
     print(json.dumps({"seconds": seconds, "infer_s": r.timings_s["infer"]}))
 
@@ -191,7 +193,8 @@ def main() -> None:
     methods = [("monai-constant", "monai", "constant"), ("monai-gaussian", "monai", "gaussian"),
                ("monai-gaussian-fused", "monai", "gaussian+fused"),
                ("slidepipe-tent", "ours", "tent"), ("slidepipe-gaussian", "ours", "gaussian"),
-               ("slidepipe-gaussian-u16", "ours", "gaussian+uint16")]
+               ("slidepipe-gaussian-u16", "ours", "gaussian+uint16"),
+               ("slidepipe-gaussian-f32", "ours", "gaussian+float32")]
     rows, figures = [], []
     sizes = [int(s) for s in args.sizes.split(",")]
     for size in sizes:

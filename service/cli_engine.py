@@ -76,7 +76,7 @@ def run_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--tissue-method", type=click.Choice(["hsv-otsu", "grey-otsu", "none"]), default="hsv-otsu", show_default=True),
         click.option("--min-tissue", "min_tissue_fraction", type=float, default=0.1, show_default=True, help="Keep tiles with at least this tissue fraction."),
         click.option("--window", type=click.Choice(["tent", "gaussian", "constant"]), default="tent", show_default=True, help="Blending weight window."),
-        click.option("--probability-dtype", type=click.Choice(["uint8", "uint16"]), default="uint8", show_default=True, help="Store class probabilities in steps of 1/255 or 1/65535 (twice the bytes)."),
+        click.option("--probability-dtype", type=click.Choice(["uint8", "uint16", "float32"]), default="uint8", show_default=True, help="Store class probabilities in steps of 1/255, 1/65535 (twice the bytes) or as float32 (four times)."),
         click.option("--read-workers", type=int, default=2, show_default=True, help="Tile-decoding threads."),
         click.option("--model-dir", type=click.Path(path_type=Path), envvar="SLIDEPIPE_MODEL_DIR", help="Folder of named models (<name>/card.json)."),
         click.option("--overwrite", is_flag=True, help="Replace an existing result."),

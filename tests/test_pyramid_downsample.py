@@ -33,3 +33,14 @@ def test_downsample_mean_of_uint16_maps_stays_uint16_and_exact(shape: tuple[int,
     got = _downsample_mean(block)
     assert got.dtype == np.uint16
     np.testing.assert_array_equal(got, _reference(block))
+
+
+def test_downsample_mean_of_float32_maps_is_the_plain_mean() -> None:
+    """float32 probability maps (``probability_dtype="float32"``) reduce unrounded."""
+    block = np.random.default_rng(8).random((2, 33, 17), dtype=np.float32)
+    padded = np.pad(block, [(0, 0), (0, 1), (0, 1)], mode="edge").astype(np.float64)
+    expected = (padded[..., 0::2, 0::2] + padded[..., 1::2, 0::2] + padded[..., 0::2, 1::2]
+                + padded[..., 1::2, 1::2]) / 4
+    got = _downsample_mean(block)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=1e-6)

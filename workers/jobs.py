@@ -65,9 +65,9 @@ class JobParams(BaseModel):
     tissue_working_mpp: float = Field(default=8.0, gt=0, le=64)
     min_tissue_fraction: float = Field(default=0.1, ge=0, le=1)
     window: Literal["tent", "gaussian", "constant"] = "tent"
-    probability_dtype: Literal["uint8", "uint16"] = Field(
-        default="uint8", description="class probabilities in steps of 1/255, or 1/65535 "
-        "(twice the bytes)")
+    probability_dtype: Literal["uint8", "uint16", "float32"] = Field(
+        default="uint8", description="class probabilities in steps of 1/255, 1/65535 "
+        "(twice the bytes) or as float32 (four times)")
     chunk_px: int = Field(default=512, ge=64, le=4096)
     tta: bool = Field(default=False, description="test-time augmentation + variance map")
     stain: str | None = Field(

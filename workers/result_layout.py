@@ -1,8 +1,8 @@
 """Where each model output goes in the result, and how blended chunks are stored.
 
 Dense outputs become multiscale uint8 images (the first one at the root, the others in
-groups named after them; class maps optionally uint16, for 1/65535 rather than 1/255
-steps); when the root is class probabilities, an argmax class map is
+groups named after them; class maps optionally uint16 or float32, for finer steps than
+1/255); when the root is class probabilities, an argmax class map is
 stored as labels beside it. Per-tile outputs are stored on the tile grid as a small
 float32 image whose pixels are tiles.
 """
@@ -14,7 +14,14 @@ import numpy as np
 
 from models.card import ModelCard, OutputSpec
 from wsi.blending import inverse_weights
-from wsi.ome_zarr import ChannelSpec, ChunkFiles, LabelSpec, ResultWriter, hex_to_rgba
+from wsi.ome_zarr import (
+    ChannelSpec,
+    ChunkFiles,
+    LabelSpec,
+    ResultWriter,
+    full_scale,
+    hex_to_rgba,
+)
 from wsi.tiling import Tile, TilePlan
 
 RGB_CHANNELS = [ChannelSpec("red", "FF0000"), ChannelSpec("green", "00FF00"),
@@ -27,23 +34,24 @@ def channel_specs(card: ModelCard, output: OutputSpec) -> list[ChannelSpec]:
     return [ChannelSpec(c.name, c.color) for c in card.classes]
 
 
-#: Integer types a dense output may be stored as: numpy type and OpenCV depth.
-STORE_TYPES: dict[str, tuple[type[np.unsignedinteger], int]] = {
-    "uint8": (np.uint8, cv2.CV_8U), "uint16": (np.uint16, cv2.CV_16U)}
+#: Types a dense output may be stored as: numpy type and OpenCV depth.
+STORE_TYPES: dict[str, tuple[type[np.number], int]] = {
+    "uint8": (np.uint8, cv2.CV_8U), "uint16": (np.uint16, cv2.CV_16U),
+    "float32": (np.float32, cv2.CV_32F)}
 
 
 class DenseSink:
-    """Stores chunks of one dense output as unsigned integers (value / max_value x the
-    type's maximum: 255 for uint8), and, for class probabilities at the root, the argmax
-    class map (0 = not computed).
+    """Stores chunks of one dense output as value / max_value x the type's full scale
+    (255 for uint8, 65535 for uint16, 1 for float32), and, for class probabilities at
+    the root, the argmax class map (0 = not computed).
 
     It takes the merger's weighted sums and weight sums (``StreamingMerger(normalize=
-    False)``) and divides on the way to integers; the argmax needs no division at all,
-    as every pixel's weight sum is positive."""
+    False)``) and divides on the way to the stored type; the argmax needs no division at
+    all, as every pixel's weight sum is positive."""
 
     def __init__(self, image: ChunkFiles, max_value: float, classes: ChunkFiles | None) -> None:
         self.image, self.classes = image, classes
-        self.scale = float(np.iinfo(image.dtype).max) / max_value
+        self.scale = full_scale(image.dtype) / max_value
 
     def __call__(self, cy: int, cx: int, sums: np.ndarray, weights: np.ndarray) -> None:
         if self.classes is not None:
@@ -51,8 +59,8 @@ class DenseSink:
             if not weights.all():  # only chunks at the tissue's edge have uncovered pixels
                 labels *= weights > 0
             self.classes.write((cy, cx), labels)
-        self.image.write((0, cy, cx), weighted_to_integers(sums, weights, self.scale,
-                                                           self.image.dtype))
+        self.image.write((0, cy, cx), weighted_to_stored(sums, weights, self.scale,
+                                                         self.image.dtype))
 
 
 def class_map(scores: np.ndarray, first: int = 0) -> np.ndarray:
@@ -85,11 +93,11 @@ def to_uint8(values: np.ndarray, scale: float) -> np.ndarray:
     return cv2.addWeighted(flat, scale, flat, 0.0, 0.0, dtype=cv2.CV_8U).reshape(values.shape)
 
 
-def weighted_to_integers(sums: np.ndarray, weights: np.ndarray, scale: float,
-                         dtype: np.dtype | type = np.uint8) -> np.ndarray:
-    """``rint(clip(sums / weights * scale))`` as ``dtype`` (uint8 or uint16) for (C, h, w)
-    weighted sums and (h, w) weight sums, 0 where the weight is 0: one multiply per
-    channel by ``scale / weights``, rounded and saturated by OpenCV in the same pass."""
+def weighted_to_stored(sums: np.ndarray, weights: np.ndarray, scale: float,
+                       dtype: np.dtype | type = np.uint8) -> np.ndarray:
+    """``sums / weights * scale`` as ``dtype`` for (C, h, w) weighted sums and (h, w)
+    weight sums, 0 where the weight is 0: one multiply per channel by ``scale / weights``,
+    for integer types rounded and saturated by OpenCV in the same pass."""
     dtype = np.dtype(dtype)
     depth = {np.dtype(t): d for t, d in STORE_TYPES.values()}.get(dtype)
     if depth is None:

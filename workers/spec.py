@@ -36,8 +36,8 @@ class RunSpec:
     tissue_working_mpp: float = 8.0
     min_tissue_fraction: float = 0.1
     window: str = "tent"  # tent | gaussian | constant
-    #: Class-probability maps as uint8 (steps of 1/255) or uint16 (1/65535, twice the
-    #: bytes); RGB outputs are always uint8.
+    #: Class-probability maps as uint8 (steps of 1/255), uint16 (1/65535, twice the
+    #: bytes) or float32 (four times); RGB outputs are always uint8.
     probability_dtype: str = "uint8"
     chunk_px: int = 512
     read_workers: int = 2

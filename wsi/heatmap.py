@@ -14,6 +14,7 @@ import numpy as np
 import zarr
 
 from wsi.errors import InvalidParameter
+from wsi.ome_zarr import full_scale
 
 MAX_HEATMAP_PX = 8192
 LEGEND_PX = 28
@@ -67,11 +68,10 @@ def render_heatmap(
 
 def as_uint8(values: np.ndarray) -> np.ndarray:
     """A stored probability map on the 0-255 scale the colour map takes (results store
-    uint8, or uint16 when asked for finer steps)."""
+    uint8, or uint16 / float32 when asked for finer steps)."""
     if values.dtype == np.uint8:
         return values
-    top = float(np.iinfo(values.dtype).max)
-    return cv2.convertScaleAbs(values, alpha=255.0 / top)
+    return cv2.convertScaleAbs(values, alpha=255.0 / full_scale(values.dtype))
 
 
 def legend_bar(width: int, label: str) -> np.ndarray:

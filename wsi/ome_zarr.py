@@ -156,9 +156,16 @@ def multiscales_attrs(
     ]
 
 
+def full_scale(dtype: np.dtype | type | str) -> float:
+    """The stored value that stands for 1 (probability 1, full intensity): the type's
+    maximum for unsigned integers, 1.0 for floats."""
+    dtype = np.dtype(dtype)
+    return 1.0 if dtype.kind == "f" else float(np.iinfo(dtype).max)
+
+
 def _downsample_mean(block: np.ndarray) -> np.ndarray:
-    """2x2 mean over the last two axes, edge-replicating odd sizes (uint8 or uint16 in
-    and out, the same type)."""
+    """2x2 mean over the last two axes, edge-replicating odd sizes (uint8, uint16 or
+    float32 in and out, the same type; integers rounded)."""
     h, w = block.shape[-2:]
     pad = [(0, 0)] * (block.ndim - 2) + [(0, h % 2), (0, w % 2)]
     if h % 2 or w % 2:
@@ -208,10 +215,11 @@ class ResultWriter:
 
     def create_image(self, group_path: str, name: str, channels: Sequence[ChannelSpec],
                      dtype: str = "uint8") -> zarr.Array:
-        """A (c, y, x) multiscale image of unsigned integers (uint8 unless said) at
-        ``group_path`` ("" is the root); viewers' display window spans the whole type."""
+        """A (c, y, x) multiscale image (uint8 unless said) at ``group_path`` ("" is the
+        root); viewers' display window spans 0 to :func:`full_scale`."""
         array = self._create(group_path, len(channels), dtype)
-        top = int(np.iinfo(np.dtype(dtype)).max)
+        top = full_scale(dtype)
+        top = int(top) if top > 1 else top
         group = self.root[group_path] if group_path else self.root
         group.attrs["multiscales"] = multiscales_attrs(
             name, len(self.shapes), self.mpp, with_channel=True, downsampling="mean"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workers.result_layout import class_map, to_uint8, weighted_to_integers
+from workers.result_layout import class_map, to_uint8, weighted_to_stored
 
 
 @pytest.mark.parametrize("classes", [1, 2, 3, 7])
@@ -43,13 +43,13 @@ def test_to_uint8_scales_rounds_and_saturates_like_numpy() -> None:
     assert got[values < 0].max() == 0 and got[values > 1].min() == 255
 
 
-def test_weighted_to_integers_divides_on_the_way_and_zeroes_uncovered_pixels() -> None:
+def test_weighted_to_stored_divides_on_the_way_and_zeroes_uncovered_pixels() -> None:
     rng = np.random.default_rng(1)
     values = rng.uniform(-0.2, 1.2, (3, 32, 40)).astype(np.float32)
     weights = rng.uniform(0.001, 3.0, (32, 40)).astype(np.float32)
     weights[:4] = 0  # no tile covered these rows
     sums = values * weights
-    got = weighted_to_integers(sums, weights, 255.0)
+    got = weighted_to_stored(sums, weights, 255.0)
     expected = to_uint8(values, 255.0)
     assert got.dtype == np.uint8 and got.shape == values.shape
     assert np.abs(got[:, 4:].astype(int) - expected[:, 4:]).max() <= 1

@@ -19,6 +19,7 @@ from models.registry import BUILTIN_CARDS, load_model, save_weights
 from workers.engine import run_engine
 from workers.spec import Progress, RunCancelled, RunSpec
 from wsi.errors import OutputExists, SlideUnreadable
+from wsi.ome_zarr import full_scale
 from wsi.reader import Slide
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def _mae_vs_whole(slide: Path, card_path: Path, window: str, tmp_path: Path,
                        probability_dtype=probability_dtype))
     stored = np.asarray(zarr.open_group(str(out), mode="r")["0"])
     assert stored.dtype == np.dtype(probability_dtype)
-    tiled = stored.astype(np.float32) / np.iinfo(stored.dtype).max
+    tiled = stored.astype(np.float32) / full_scale(stored.dtype)
     from models.card import read_card
 
     card = read_card(card_path)
@@ -79,13 +80,14 @@ def test_blended_unet_close_to_whole_image_pass(
     assert tent < constant, (tent, constant)
 
 
-def test_uint16_probabilities_store_the_blend_at_finer_steps(
-    engine_slides: dict[str, Path], unet_card: Path, tmp_path: Path
+@pytest.mark.parametrize("dtype", ["uint16", "float32"])
+def test_finer_probability_types_store_the_blend_at_finer_steps(
+    engine_slides: dict[str, Path], unet_card: Path, tmp_path: Path, dtype: str
 ) -> None:
-    """``probability_dtype="uint16"``: the probability pyramid is uint16 (display window
-    0-65535) and read back by ome-zarr-py, the class map is the uint8 run's, the stored
-    values are the uint8 ones at 257x finer steps, the seam error against a whole-image
-    pass drops with the quantisation, and heatmaps render from it."""
+    """``probability_dtype`` uint16 / float32: the probability pyramid has that type
+    (display window up to its full scale) and ome-zarr-py reads it, the class map is the
+    uint8 run's, the values are the uint8 ones without the 1/255 rounding, the seam error
+    against a whole-image pass drops with the quantisation, and heatmaps render."""
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader
 
@@ -93,23 +95,25 @@ def test_uint16_probabilities_store_the_blend_at_finer_steps(
 
     slide = engine_slides["small"]
     coarse = _mae_vs_whole(slide, unet_card, "gaussian", tmp_path)
-    fine = _mae_vs_whole(slide, unet_card, "gaussian", tmp_path, "uint16")
-    log.info("seam MAE vs whole pass, gaussian: uint8 %.5f uint16 %.5f", coarse, fine)
+    fine = _mae_vs_whole(slide, unet_card, "gaussian", tmp_path, dtype)
+    log.info("seam MAE vs whole pass, gaussian: uint8 %.6f %s %.6f", coarse, dtype, fine)
     assert fine < coarse
 
-    r8, r16 = (zarr.open_group(str(tmp_path / f"gaussian-{d}.zarr"), mode="r")
-               for d in ("uint8", "uint16"))
-    np.testing.assert_array_equal(np.asarray(r16["labels/classes/0"]),
+    r8, fine_root = (zarr.open_group(str(tmp_path / f"gaussian-{d}.zarr"), mode="r")
+                     for d in ("uint8", dtype))
+    np.testing.assert_array_equal(np.asarray(fine_root["labels/classes/0"]),
                                   np.asarray(r8["labels/classes/0"]))
-    p8, p16 = np.asarray(r8["0"]).astype(np.float64), np.asarray(r16["0"]).astype(np.float64)
-    assert np.abs(p16 / 65535 - p8 / 255).max() <= 0.5 / 255 + 0.5 / 65535 + 1e-9
-    assert r16.attrs["omero"]["channels"][0]["window"]["end"] == 65535
-    image = next(iter(Reader(parse_url(str(tmp_path / "gaussian-uint16.zarr")))()))
-    assert [str(level.dtype) for level in image.data] == ["uint16"] * len(image.data)
+    top = full_scale(dtype)
+    p8 = np.asarray(r8["0"]).astype(np.float64) / 255
+    p_fine = np.asarray(fine_root["0"]).astype(np.float64) / top
+    assert np.abs(p_fine - p8).max() <= 0.5 / 255 + 0.5 / 65535 + 1e-6
+    assert fine_root.attrs["omero"]["channels"][0]["window"]["end"] == top
+    image = next(iter(Reader(parse_url(str(tmp_path / f"gaussian-{dtype}.zarr")))()))
+    assert [str(level.dtype) for level in image.data] == [dtype] * len(image.data)
     assert [tuple(level.shape[1:]) for level in image.data[:2]] == [(260, 350), (130, 175)]
     heat8 = render_heatmap(tmp_path / "gaussian-uint8.zarr", max_px=256).astype(int)
-    heat16 = render_heatmap(tmp_path / "gaussian-uint16.zarr", max_px=256).astype(int)
-    assert heat16.shape == heat8.shape and np.abs(heat16 - heat8).mean() < 1.0
+    heat_fine = render_heatmap(tmp_path / f"gaussian-{dtype}.zarr", max_px=256).astype(int)
+    assert heat_fine.shape == heat8.shape and np.abs(heat_fine - heat8).mean() < 1.0
 
 
 def test_result_opens_in_ome_zarr_py(engine_slides: dict[str, Path], unet_card: Path, tmp_path: Path) -> None:
