@@ -7,9 +7,9 @@ probabilities first), ``(n, C)`` for per-tile outputs. A module may return one t
 folded into the convolutions and the model runs channels-last on either device. On CUDA
 the batch goes through pinned memory with a non-blocking copy, the model runs under
 autocast (bf16 where supported), and only the (smaller) output comes back; on CPU it
-runs in float32. With ``tta=True`` every batch
-runs under the 8 flips/90° rotations, the outputs are averaged, and the per-pixel
-variance of the first dense output across those passes comes back as ``variance``.
+runs in float32. With ``tta=True`` every batch runs under the 8 flips/90° rotations, the
+outputs are averaged, and the per-pixel variance of the first dense output across those
+passes comes back as ``variance``.
 """
 
 from __future__ import annotations

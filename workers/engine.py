@@ -78,6 +78,8 @@ def strip_px(chunk_px: int, geometry: TileGeometry) -> int:
     if period > 2 * nominal:
         return nominal
     return max(1, round(nominal / period)) * period
+
+
 TISSUE_RGBA = (0, 200, 0, 110)
 
 
@@ -306,7 +308,7 @@ def _infer(
             channels=layout.sinks[output.name].image.chunks[0], shape=plan.output_shape,
             chunk_px=spec.chunk_px, boxes=boxes, window=window, sink=stores[output.name],
             spill_dir=spill_dir, horizon=2 * strip_cols + 2,
-            normalize=False,  # the store divides on its way to uint8, off this thread
+            normalize=False,  # the store divides on its way to the stored type, off this thread
         )
     handoff: queue.Queue = queue.Queue(maxsize=2)
     failure: list[BaseException] = []

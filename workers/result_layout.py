@@ -1,9 +1,9 @@
 """Where each model output goes in the result, and how blended chunks are stored.
 
 Dense outputs become multiscale uint8 images (the first one at the root, the others in
-groups named after them; class maps optionally uint16 or float32, for finer steps than
-1/255); when the root is class probabilities, an argmax class map is
-stored as labels beside it. Per-tile outputs are stored on the tile grid as a small
+groups named after them; class probabilities optionally uint16 or float32, for finer
+steps than 1/255); when the root is class probabilities, an argmax class map is stored
+as labels beside it. Per-tile outputs are stored on the tile grid as a small
 float32 image whose pixels are tiles.
 """
 
@@ -85,19 +85,12 @@ def class_map(scores: np.ndarray, first: int = 0) -> np.ndarray:
     return index
 
 
-def to_uint8(values: np.ndarray, scale: float) -> np.ndarray:
-    """``rint(clip(values * scale, 0, 255))`` as uint8, for C-contiguous float32 values.
-    OpenCV scales, rounds half to even and saturates at both ends in one pass (a weighted
-    sum with a zero second term), three times as fast as numpy's three passes."""
-    flat = values.reshape(-1, values.shape[-1])
-    return cv2.addWeighted(flat, scale, flat, 0.0, 0.0, dtype=cv2.CV_8U).reshape(values.shape)
-
-
 def weighted_to_stored(sums: np.ndarray, weights: np.ndarray, scale: float,
                        dtype: np.dtype | type = np.uint8) -> np.ndarray:
     """``sums / weights * scale`` as ``dtype`` for (C, h, w) weighted sums and (h, w)
     weight sums, 0 where the weight is 0: one multiply per channel by ``scale / weights``,
-    for integer types rounded and saturated by OpenCV in the same pass."""
+    for integer types rounded (half to even) and saturated by OpenCV in the same pass,
+    three times as fast as numpy's divide, rint and clip."""
     dtype = np.dtype(dtype)
     depth = {np.dtype(t): d for t, d in STORE_TYPES.values()}.get(dtype)
     if depth is None:

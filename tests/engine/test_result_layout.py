@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workers.result_layout import class_map, to_uint8, weighted_to_stored
+from workers.result_layout import class_map, weighted_to_stored
 
 
 @pytest.mark.parametrize("classes", [1, 2, 3, 7])
@@ -31,12 +31,16 @@ def test_class_map_refuses_more_classes_than_uint8_holds() -> None:
         class_map(np.zeros((256, 2, 2), np.float32))
 
 
-def test_to_uint8_scales_rounds_and_saturates_like_numpy() -> None:
+def _numpy_uint8(values: np.ndarray) -> np.ndarray:
+    return np.rint(np.clip(values * np.float32(255.0), 0, 255)).astype(np.uint8)
+
+
+def test_weighted_to_stored_scales_rounds_and_saturates_like_numpy() -> None:
     rng = np.random.default_rng(0)
     values = rng.uniform(-0.5, 1.5, (3, 40, 33)).astype(np.float32)
     values[0, 0, :4] = [0.5 / 255, 1.5 / 255, 2.5 / 255, 254.5 / 255]  # halves: to even
-    expected = np.rint(np.clip(values * np.float32(255.0), 0, 255)).astype(np.uint8)
-    got = to_uint8(values, 255.0)
+    got = weighted_to_stored(values, np.ones((40, 33), np.float32), 255.0)
+    expected = _numpy_uint8(values)
     assert got.shape == values.shape and got.dtype == np.uint8
     assert np.abs(got.astype(int) - expected).max() <= 1
     assert (got == expected).mean() > 0.999
@@ -50,8 +54,15 @@ def test_weighted_to_stored_divides_on_the_way_and_zeroes_uncovered_pixels() -> 
     weights[:4] = 0  # no tile covered these rows
     sums = values * weights
     got = weighted_to_stored(sums, weights, 255.0)
-    expected = to_uint8(values, 255.0)
+    expected = _numpy_uint8(values)
     assert got.dtype == np.uint8 and got.shape == values.shape
     assert np.abs(got[:, 4:].astype(int) - expected[:, 4:]).max() <= 1
     assert (got[:, 4:] == expected[:, 4:]).mean() > 0.999
     assert not got[:, :4].any()
+    wide = weighted_to_stored(sums, weights, 65535.0, np.uint16)
+    assert wide.dtype == np.uint16
+    assert np.abs(wide[:, 4:] / 65535 - np.clip(values[:, 4:], 0, 1)).max() < 1e-4
+    exact = weighted_to_stored(sums, weights, 1.0, np.float32)
+    np.testing.assert_allclose(exact[:, 4:], values[:, 4:], rtol=1e-5)
+    with pytest.raises(ValueError, match="store as one of"):
+        weighted_to_stored(sums, weights, 1.0, np.int32)
