@@ -22,9 +22,10 @@ def cache_dir() -> Path:
     """Generated slides, cards and scratch results: ``$SLIDEPIPE_BENCH_CACHE``, else
     ``$XDG_CACHE_HOME/slidepipe-bench`` (``~/.cache/slidepipe-bench``).
 
-    Why not the system temp folder: results are written here too, and the engine creates
-    a file per chunk; on this project's development VMs creating a file under /tmp costs
-    ~1 ms against ~0.05 ms elsewhere on the same disk (``file_create_ms`` measures it).
+    Why not the system temp folder: the cache holds a few GB (the 20k px blend image as
+    .npy is 1.2 GB), which a RAM-backed /tmp may not, and it is worth keeping between
+    runs. How fast a folder creates files varies (0.06-1 ms per chunk file on the
+    development VM, by folder and by minute); ``file_create_ms`` measures it.
     """
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slidepipe-bench"
     path = Path(os.environ.get("SLIDEPIPE_BENCH_CACHE", default))
