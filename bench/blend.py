@@ -14,7 +14,10 @@ that its peak RSS is its own:
 - ``monai-constant`` / ``monai-gaussian``: ``sliding_window_inference`` on the image as a
   float tensor in memory (as MONAI users hold it), output canvas in memory, the module
   as built (NCHW, BatchNorm separate).
-- ``monai-gaussian-fused``: the same, running the module exactly as slidepipe's
+- ``monai-zarr-avg``: MONAI's ``PatchInferer`` with ``SlidingWindowSplitter`` and
+  ``ZarrAvgMerger`` (plain averaging, the only blending it has), the merged values and
+  counts in zarr stores on disk instead of memory; the image still in memory.
+- ``monai-gaussian-fused``: the same as ``monai-gaussian``, running the module exactly as slidepipe's
   predictor does (BatchNorm folded into the convolutions, channels-last memory), so that
   the difference to slidepipe is the pipeline (reading, blending, writing), not the model.
 - ``slidepipe-tent`` / ``slidepipe-gaussian``: ``run_engine`` on the same pixels stored
@@ -107,6 +110,7 @@ def child_monai(npy: str, card: str, mode: str, out: str) -> None:
 
     c = read_card(Path(card))
     mode, _, variant = mode.partition("+")
+    scratch_dir = Path(tempfile.mkdtemp(prefix="blend-monai-", dir=cache_dir()))
     model = load_model(c).module.eval()
     if variant == "fused":  # the module as slidepipe's predictor runs it
         model = fuse_conv_bn(model).to(memory_format=torch.channels_last)
@@ -123,11 +127,23 @@ def child_monai(npy: str, card: str, mode: str, out: str) -> None:
     start = time.perf_counter()
     with torch.inference_mode():
         x = (torch.from_numpy(image).permute(2, 0, 1)[None].float() - mean) / std
-        y = sliding_window_inference(x, roi_size=(c.tile_px, c.tile_px), sw_batch_size=8,
-                                     predictor=predictor, overlap=c.overlap_px / c.tile_px,
-                                     mode=mode, padding_mode="constant", cval=0.0)
-        p = y[0, 1].numpy()
+        if variant == "zarr":  # merged on disk: PatchInferer + ZarrAvgMerger
+            from monai.inferers import PatchInferer, SlidingWindowSplitter, ZarrAvgMerger
+
+            inferer = PatchInferer(
+                splitter=SlidingWindowSplitter(patch_size=(c.tile_px, c.tile_px),
+                                               overlap=c.overlap_px),
+                merger_cls=ZarrAvgMerger, batch_size=8,
+                store=str(scratch_dir / "merged.zarr"), value_store=str(scratch_dir / "values.zarr"),
+                count_store=str(scratch_dir / "counts.zarr"))
+            p = np.asarray(inferer(x, predictor)[0, 1])
+        else:
+            y = sliding_window_inference(x, roi_size=(c.tile_px, c.tile_px), sw_batch_size=8,
+                                         predictor=predictor, overlap=c.overlap_px / c.tile_px,
+                                         mode=mode, padding_mode="constant", cval=0.0)
+            p = y[0, 1].numpy()
     seconds = time.perf_counter() - start
+    shutil.rmtree(scratch_dir, ignore_errors=True)
     np.save(out, p.astype(np.float32)) if out != "-" else None
     print(json.dumps({"seconds": seconds}))
 
@@ -191,6 +207,7 @@ def main() -> None:
     card = card_for(cache_dir() / f"blend-{args.model}-{args.tile}-{args.overlap}", args.tile,
                     args.overlap, args.model)
     methods = [("monai-constant", "monai", "constant"), ("monai-gaussian", "monai", "gaussian"),
+               ("monai-zarr-avg", "monai", "constant+zarr"),
                ("monai-gaussian-fused", "monai", "gaussian+fused"),
                ("slidepipe-tent", "ours", "tent"), ("slidepipe-gaussian", "ours", "gaussian"),
                ("slidepipe-gaussian-u16", "ours", "gaussian+uint16"),
