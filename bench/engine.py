@@ -1,6 +1,7 @@
 """Engine throughput against the raw decode ceiling, on one slide, in one run.
 
-    python bench/engine.py [--size 8192] [--unet-size 4096] [--threads N] [--skip-unet] [--repeats 3]
+    python bench/engine.py [--size 8192] [--unet-size 4096] [--threads N] [--skip-unet]
+                           [--repeats 3] [--out-dir DIR]
 
 1. The tile list: the engine's own plan (tissue mask + grid) for the identity model.
 2. Raw ``read_region`` tiles/s for openslide and tiffslide on exactly those tiles, with
