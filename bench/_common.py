@@ -59,15 +59,12 @@ def settle_disk() -> None:
 def file_create_ms(folder: Path, n: int = 200, size: int = 200_000) -> float:
     """Milliseconds to create and write one ``size``-byte file in ``folder``: what each
     stored chunk pays on top of encoding, printed beside the engine's rates."""
-    probe = Path(tempfile.mkdtemp(prefix="probe-", dir=folder))
     payload = os.urandom(size)
-    try:
+    with scratch("probe-", folder) as probe:
         start = time.perf_counter()
         for i in range(n):
             (probe / str(i)).write_bytes(payload)
         return (time.perf_counter() - start) / n * 1e3
-    finally:
-        shutil.rmtree(probe, ignore_errors=True)
 
 
 def median_of(repeats: int, measure: Callable[[], float]) -> float:

@@ -35,16 +35,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import cache_dir, run_child, settle_disk, table  # noqa: E402
+from bench._common import cache_dir, run_child, scratch, settle_disk, table  # noqa: E402
 
 GIB = 2**30
 MPP = 1.0
@@ -110,7 +108,6 @@ def child_monai(npy: str, card: str, mode: str, out: str) -> None:
 
     c = read_card(Path(card))
     mode, _, variant = mode.partition("+")
-    scratch_dir = Path(tempfile.mkdtemp(prefix="blend-monai-", dir=cache_dir()))
     model = load_model(c).module.eval()
     if variant == "fused":  # the module as slidepipe's predictor runs it
         model = fuse_conv_bn(model).to(memory_format=torch.channels_last)
@@ -125,7 +122,7 @@ def child_monai(npy: str, card: str, mode: str, out: str) -> None:
         return torch.softmax(out, 1) if c.activation == "softmax" else out
 
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), scratch("blend-monai-") as scratch_dir:
         x = (torch.from_numpy(image).permute(2, 0, 1)[None].float() - mean) / std
         if variant == "zarr":  # merged on disk: PatchInferer + ZarrAvgMerger
             from monai.inferers import PatchInferer, SlidingWindowSplitter, ZarrAvgMerger
@@ -143,7 +140,6 @@ def child_monai(npy: str, card: str, mode: str, out: str) -> None:
                                          mode=mode, padding_mode="constant", cval=0.0)
             p = y[0, 1].numpy()
     seconds = time.perf_counter() - start
-    shutil.rmtree(scratch_dir, ignore_errors=True)
     np.save(out, p.astype(np.float32)) if out != "-" else None
     print(json.dumps({"seconds": seconds}))
 
@@ -157,17 +153,17 @@ def child_ours(slide: str, card: str, window: str, out: str) -> None:
     from wsi.ome_zarr import full_scale
 
     window, _, dtype = window.partition("+")
-    result = Path(tempfile.mkdtemp(prefix="blend-", dir=cache_dir())) / "r.zarr"
-    settle_disk()
-    start = time.perf_counter()
-    r = run_engine(RunSpec(slide_path=Path(slide), model=card, out_path=result, window=window,
-                           tissue_method="none", device="cpu", batch_size=8,
-                           probability_dtype=dtype or "uint8"))
-    seconds = time.perf_counter() - start
-    if out != "-":
-        stored = np.asarray(zarr.open_group(str(result), mode="r")["0"][1])
-        np.save(out, stored.astype(np.float32) / full_scale(stored.dtype))
-    shutil.rmtree(result.parent, ignore_errors=True)
+    with scratch("blend-") as folder:
+        result = folder / "r.zarr"
+        settle_disk()
+        start = time.perf_counter()
+        r = run_engine(RunSpec(slide_path=Path(slide), model=card, out_path=result, window=window,
+                               tissue_method="none", device="cpu", batch_size=8,
+                               probability_dtype=dtype or "uint8"))
+        seconds = time.perf_counter() - start
+        if out != "-":
+            stored = np.asarray(zarr.open_group(str(result), mode="r")["0"][1])
+            np.save(out, stored.astype(np.float32) / full_scale(stored.dtype))
     print(json.dumps({"seconds": seconds, "infer_s": r.timings_s["infer"]}))
 
 
