@@ -38,6 +38,7 @@ def channel_specs(card: ModelCard, output: OutputSpec) -> list[ChannelSpec]:
 STORE_TYPES: dict[str, tuple[type[np.number], int]] = {
     "uint8": (np.uint8, cv2.CV_8U), "uint16": (np.uint16, cv2.CV_16U),
     "float32": (np.float32, cv2.CV_32F)}
+_CV_DEPTHS = {np.dtype(t): depth for t, depth in STORE_TYPES.values()}
 
 
 class DenseSink:
@@ -92,7 +93,7 @@ def weighted_to_stored(sums: np.ndarray, weights: np.ndarray, scale: float,
     for integer types rounded (half to even) and saturated by OpenCV in the same pass,
     three times as fast as numpy's divide, rint and clip."""
     dtype = np.dtype(dtype)
-    depth = {np.dtype(t): d for t, d in STORE_TYPES.values()}.get(dtype)
+    depth = _CV_DEPTHS.get(dtype)
     if depth is None:
         raise ValueError(f"store as one of {', '.join(STORE_TYPES)}, got {dtype}")
     inverse = inverse_weights(weights, scale)
