@@ -14,8 +14,8 @@ still train the segmentation every step. ``label_bn`` decides how the label-only
 patches meet BatchNorm: in the same pass their batch statistics normalise the masked
 patches too, which on its own (``cls_weight`` 0) cost the CMU experiment
 (``workers.experiments.joint_vs_masks``) about 0.2 held-out Dice. ``unet`` uses masks
-only: cross-entropy, plus soft Dice when ``dice_weight`` > 0. Augmentation: 90° rotations, flips, brightness,
-contrast and an HSV shift.
+only: cross-entropy, plus soft Dice when ``dice_weight`` > 0. Augmentation: 90°
+rotations, flips, brightness, contrast and an HSV shift.
 
 Resumable and deterministic: the batches and augmentations come from one numpy
 generator seeded by ``seed``; its state, torch's, the optimiser's and the step are saved
@@ -333,9 +333,7 @@ def _label_pass_batchnorm(module: nn.Module, label_bn: str) -> Iterator[None]:
     updating the running statistics (``masked-running``); unchanged otherwise."""
     layers = [m for m in module.modules()
               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-              and m.track_running_stats]
-    if label_bn not in ("frozen", "masked-running"):
-        layers = []
+              and m.track_running_stats] if label_bn in ("frozen", "masked-running") else []
     for layer in layers:
         if label_bn == "frozen":
             layer.eval()
