@@ -52,14 +52,17 @@ def build_unet(card: ModelCard) -> nn.Module:
 
 
 def build_joint(card: ModelCard) -> nn.Module:
-    from models.joint import JointSegClassNet
+    from models.joint import CLASSIFIERS, JointSegClassNet
 
-    allowed = {"seg_channels", "cls_channels", "upsample"}
+    allowed = {"seg_channels", "cls_channels", "upsample", "classifier"}
     unknown = set(card.params) - allowed
     if unknown:
         raise ModelCardInvalid(f"joint card {card.name!r} has unknown params {sorted(unknown)}")
     if card.params.get("upsample", "bilinear") not in ("bilinear", "nearest"):
         raise ModelCardInvalid(f"joint card {card.name!r}: upsample must be bilinear or nearest")
+    if card.params.get("classifier", "head") not in CLASSIFIERS:
+        raise ModelCardInvalid(f"joint card {card.name!r}: classifier must be one of "
+                               f"{', '.join(CLASSIFIERS)}, got {card.params['classifier']!r}")
     names = [o.name for o in card.outputs]
     if names[0] != "probabilities" or not set(names) <= {"probabilities", "tile_scores"}:
         raise ModelCardInvalid(

@@ -9,6 +9,15 @@ conv1x1 C->8 (no bias) + BN + ReLU -> conv1x1 8->C``. Because the classifier onl
 the segmentation map, class labels of whole patches train the segmentation head too
 (``L = L_seg + L_cls``, see ``models.seg_training``).
 
+``classifier`` picks how the patch class comes out of that map. ``head`` (default) is
+the head the paper describes, above. ``max`` is what the authors' released code
+(github.com/ozanciga/learning-to-segment, ``models.domain_classifier``) actually runs:
+the class logits are the global max of each class's segmentation logits, with no
+layers of their own. Then L_cls can only raise or lower a class's own map, where the
+head may use the segmentation channels as free features: on the CMU region experiment
+(``workers.experiments.joint_vs_masks``) the labels cost Dice through the head and add
+it through the max.
+
 The forward pass returns both outputs keyed by the names the engine stores them under:
 ``{"probabilities": (N, C, H, W) segmentation logits, "tile_scores": (N, C) class
 logits}``; the predictor applies the card's softmax to both.
@@ -16,8 +25,13 @@ logits}``; the predictor applies the card's softmax to both.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
+
+#: How class logits come out of the segmentation map (see the module docstring).
+CLASSIFIERS = ("head", "max")
 
 #: Output names, as the model card declares them.
 SEGMENTATION = "probabilities"
@@ -42,12 +56,17 @@ class JointSegClassNet(nn.Module):
 
     ``upsample`` is the mode of the x2 upsampling inside the segmentation head
     (``bilinear`` by default; the final upsampling to the input size is always nearest).
+    ``classifier="max"`` has no ``cls_head``: the class logits are the per-class maxima
+    of the coarse segmentation logits.
     """
 
     def __init__(self, n_classes: int, *, seg_channels: int = 64, cls_channels: int = 8,
-                 upsample: str = "bilinear") -> None:
+                 upsample: str = "bilinear", classifier: Literal["head", "max"] = "head") -> None:
         super().__init__()
+        if classifier not in CLASSIFIERS:
+            raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {classifier!r}")
         self.n_classes = n_classes
+        self.classifier = classifier
         self.encoder = resnet18_trunk()
         up = (nn.Upsample(scale_factor=2, mode="nearest") if upsample == "nearest"
               else nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
@@ -64,12 +83,14 @@ class JointSegClassNet(nn.Module):
             nn.BatchNorm2d(cls_channels),
             nn.ReLU(inplace=True),
             nn.Conv2d(cls_channels, n_classes, kernel_size=1),
-        )
+        ) if classifier == "head" else None
 
     def coarse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(C x H/8 x W/8 segmentation logits before the final upsampling, (N, C) class
         logits)."""
         seg = self.seg_head(self.encoder(x))
+        if self.cls_head is None:
+            return seg, torch.amax(seg, dim=(2, 3))
         return seg, self.cls_head(seg).flatten(1)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -176,10 +176,11 @@ def models_list(model_dir: Path | None, as_json: bool) -> None:
 @click.option("--mpp", "target_mpp", type=float, help="Resolution the model runs at, µm/px.")
 @click.option("--tile-size", "tile_px", type=int, help="Tile size in px.")
 @click.option("--encoder", help="unet: segmentation-models-pytorch encoder (default resnet18).")
+@click.option("--classifier", type=click.Choice(["head", "max"]), help="joint: the paper's classification head (default) or the per-class max of the segmentation map.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def models_init(architecture: str, out_dir: Path, classes: tuple[str, ...], name: str | None,
                 target_mpp: float | None, tile_px: int | None, encoder: str | None,
-                seed: int) -> None:
+                classifier: str | None, seed: int) -> None:
     """Write a NAME (unet, joint) card with freshly initialised weights to --out: a
     starting point for training, and what smoke tests and benchmarks run."""
     from workers.seg_training import init_model, parse_classes
@@ -190,7 +191,8 @@ def models_init(architecture: str, out_dir: Path, classes: tuple[str, ...], name
         try:
             card_path, n = init_model(architecture, out_dir, name=name,
                                       classes=parse_classes(classes), seed=seed,
-                                      target_mpp=target_mpp, tile_px=tile_px, encoder=encoder)
+                                      target_mpp=target_mpp, tile_px=tile_px, encoder=encoder,
+                                      classifier=classifier)
         except ValueError as err:  # pydantic: a bad name, colour or size
             raise click.ClickException(str(err)) from err
     click.echo(f"wrote {card_path} ({architecture}, {n:,} params, seed {seed})")

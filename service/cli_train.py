@@ -137,11 +137,13 @@ def train_unet(encoder: str | None, dice_weight: float, **options: Any) -> None:
 @train_options
 @click.option("--cls-weight", type=float, default=1.0, show_default=True, help="Weight of L_cls.")
 @click.option("--masked-per-batch", type=int, help="Patches with masks in each batch (default: half).")
-def train_joint(cls_weight: float, masked_per_batch: int | None, **options: Any) -> None:
+@click.option("--classifier", type=click.Choice(["head", "max"]), default="head", show_default=True, help="Class logits from the segmentation map: the paper's head (pool + conv 8 + conv) or the per-class max of the map, as the authors' code runs it.")
+def train_joint(cls_weight: float, masked_per_batch: int | None, classifier: str,
+                **options: Any) -> None:
     """Train the joint classification-segmentation network (Ciga & Martel) on masks and
     patch class labels."""
     _run("joint", fit_extra={"cls_weight": cls_weight, "masked_per_batch": masked_per_batch},
-         spec_extra={}, **options)
+         spec_extra={"classifier": classifier}, **options)
 
 
 COMMANDS = (train_group,)

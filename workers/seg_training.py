@@ -74,7 +74,7 @@ def parse_classes(values: Sequence[str]) -> list[ClassSpec]:
 def make_card(architecture: str, *, name: str, classes: Sequence[ClassSpec] | None = None,
               target_mpp: float | None = None, tile_px: int | None = None,
               overlap_px: int | None = None, encoder: str | None = None,
-              description: str | None = None) -> ModelCard:
+              classifier: str | None = None, description: str | None = None) -> ModelCard:
     """The built-in card of ``architecture`` with the given changes, naming its weights."""
     if architecture not in BUILTIN_CARDS or architecture == "identity":
         raise ModelCardInvalid(f"cannot make a trainable card for {architecture!r}")
@@ -93,6 +93,10 @@ def make_card(architecture: str, *, name: str, classes: Sequence[ClassSpec] | No
         if architecture != "unet":
             raise ModelCardInvalid("--encoder applies to unet only")
         update["params"] = {**base.params, "encoder_name": encoder}
+    if classifier is not None:
+        if architecture != "joint":
+            raise ModelCardInvalid("--classifier applies to joint only")
+        update["params"] = {**base.params, "classifier": classifier}
     if description is not None:
         update["description"] = description
     return ModelCard.model_validate({**base.model_dump(), **update})
@@ -136,6 +140,7 @@ class TrainSpec:
     mask_fraction: float = 1.0
     val_fraction: float = 0.2
     encoder: str | None = None
+    classifier: str | None = None  # joint: "head" (the paper's) or "max" (the authors' code)
     fit: FitConfig = field(default_factory=FitConfig)
     resume: bool = False
     overwrite: bool = False
@@ -249,6 +254,7 @@ def run_training(
         card = make_card(
             spec.architecture, name=spec.name or out_dir.name, classes=spec.classes or None,
             target_mpp=spec.mpp, tile_px=spec.tile_px, encoder=spec.encoder,
+            classifier=spec.classifier,
             description=(f"{spec.architecture} trained by slidepipe train (seed "
                          f"{spec.fit.seed}, {spec.fit.steps} steps); see training.json."))
     train, val = load_training_data(spec, card, progress=on_data)

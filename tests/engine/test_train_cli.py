@@ -70,7 +70,7 @@ def test_train_joint_resume_then_run_with_tta(annotated_slides: list[Path], cmu_
     common = ["train", "joint", *[a for s in annotated_slides for a in ("--slides", str(s))],
               "--out", str(out), "--classes", CLASSES, "--mpp", "2", "--tile-size", "64",
               "--stride", "32", "--mask-fraction", "0.25", "--label-rule", "0,0.5,0.15",
-              "--val-fraction", "0.5", "--batch-size", "4", "--lr", "1e-3",
+              "--val-fraction", "0.5", "--batch-size", "4", "--lr", "1e-3", "--classifier", "max",
               "--eval-every", "2", "--checkpoint-every", "2", "--device", "cpu", "--quiet"]
     text = _invoke(*common, "--steps", "2")
     assert "wrote" in text and "validation: seg_mean_dice" in text
@@ -94,6 +94,7 @@ def test_train_joint_resume_then_run_with_tta(annotated_slides: list[Path], cmu_
     card = json.loads((out / "card.json").read_text())
     assert card["architecture"] == "joint" and card["weights"] == "weights.safetensors"
     assert [o["name"] for o in card["outputs"]] == ["probabilities", "tile_scores"]
+    assert card["params"] == {"classifier": "max"}  # the service's run builds the same net
 
     # the trained model on the real slide, as a user runs it, with test-time augmentation
     result = tmp_path / "joint.zarr"
@@ -160,6 +161,15 @@ def test_models_init_and_list(tmp_path: Path) -> None:
     card = json.loads((tmp_path / "fresh-joint" / "card.json").read_text())
     assert card["name"] == "fresh-joint" and [c["name"] for c in card["classes"]] == ["normal", "tumour"]
     assert (tmp_path / "fresh-joint" / "weights.safetensors").is_file()
+    text = _invoke("models", "init", "joint", "--out", str(tmp_path / "max-joint"),
+                   "--classes", "normal,tumour", "--classifier", "max")
+    assert "2,930,498 params" in text  # no classification head: 16 + 16 + 18 fewer
+    card = json.loads((tmp_path / "max-joint" / "card.json").read_text())
+    assert card["params"]["classifier"] == "max"
+    wrong = CliRunner().invoke(main, ["models", "init", "unet", "--out", str(tmp_path / "x"),
+                                      "--classifier", "max"])
+    assert wrong.exit_code == 1 and "--classifier applies to joint only" in wrong.output
+    assert not (tmp_path / "x" / "card.json").exists()
     _invoke("models", "init", "unet", "--out", str(tmp_path / "fresh-unet"), "--tile-size", "256")
     again = CliRunner().invoke(main, ["models", "init", "unet", "--out", str(tmp_path / "fresh-unet")])
     assert again.exit_code == 1 and "already exists" in again.output

@@ -70,6 +70,30 @@ def test_shapes_and_heads_are_the_papers() -> None:
     assert net.encoder[6][0].conv1.out_channels == 256
 
 
+def test_max_classifier_is_the_maps_per_class_maximum() -> None:
+    """``classifier="max"`` (the authors' released code): no layers of its own, the
+    class logits are each class's largest coarse segmentation logit, so L_cls reaches
+    exactly the map positions that hold them."""
+    torch.manual_seed(0)
+    net = JointSegClassNet(3, classifier="max").eval()
+    assert net.cls_head is None
+    x = torch.randn(2, 3, 128, 128, requires_grad=True)
+    seg, cls = net.coarse(x)
+    assert seg.shape == (2, 3, 16, 16) and cls.shape == (2, 3)
+    flat = seg.detach().flatten(2)
+    assert torch.equal(cls.detach(), flat.max(2).values)
+    # the gradient of one class logit reaches one map position of that class only
+    grad, = torch.autograd.grad(cls[0, 1], seg)
+    assert int((grad != 0).sum()) == 1 and grad[0, 1].flatten()[flat[0, 1].argmax()] == 1
+    head = JointSegClassNet(3)
+    assert sum(p.numel() for p in head.parameters()) - sum(
+        p.numel() for p in net.parameters()) == 3 * 8 + 2 * 8 + 8 * 3 + 3  # the head's layers
+    built = build_module(joint_card(params={"classifier": "max"}))
+    assert isinstance(built, JointSegClassNet) and built.cls_head is None
+    with pytest.raises(ModelCardInvalid, match="classifier must be one of head, max, got 'mean'"):
+        build_module(joint_card(params={"classifier": "mean"}))
+
+
 def test_joint_card_builds_and_predicts_both_outputs() -> None:
     loaded = load_model(BUILTIN_CARDS["joint"], allow_random_init=True)
     predictor = Predictor(loaded, device="cpu")

@@ -37,6 +37,10 @@ Arms (same seed, steps, learning rate, augmentation, and the same masked patches
                       statistics to the masked patches (``--label-bn masked-running``,
                       see ``models.seg_training.FitConfig``). In one shared pass their
                       batch statistics alone, with L_cls off, cost about 0.2 Dice.
+``joint-max``         the same as ``joint`` with the classifier of the authors' released
+                      code: the class logits are the per-class maxima of the segmentation
+                      map (``models.joint``, ``classifier="max"``) instead of the paper's
+                      head (average pool, conv 8, conv).
 ``joint-masks-only``  the same network on the same masked patches alone (L_seg only).
 ``unet-masks-only``   smp U-Net (ResNet-18 encoder, depth 4) on the same masked patches.
 ``*-all-masks``       (``--upper-bounds``) the same networks with every training mask.
@@ -77,7 +81,9 @@ PIXEL_CLASSES = [ClassSpec(name=n, color=c) for n, c in zip(PSEUDO_CLASSES, PSEU
 REGION_CLASSES = [ClassSpec(name="background", color="000000"),
                   ClassSpec(name="stroma", color="F2A0C8"),
                   ClassSpec(name="cellular", color="3030C0")]
-ARMS = ("joint", "joint-masks-only", "unet-masks-only")
+ARMS = ("joint", "joint-max", "joint-masks-only", "unet-masks-only")
+#: the arms that learn from the label-only patches too
+LABEL_ARMS = ("joint", "joint-max")
 UPPER_BOUNDS = ("joint-all-masks", "unet-all-masks")
 
 
@@ -173,6 +179,8 @@ def arm_card(arm: str, config: ExperimentConfig) -> ModelCard:
     architecture = arm.split("-")[0]
     card = make_card(architecture, name=arm, classes=config.classes, target_mpp=config.mpp,
                      tile_px=config.patch_px)
+    if arm == "joint-max":
+        card = card.model_copy(update={"params": {**card.params, "classifier": "max"}})
     if architecture == "unet":
         card = card.model_copy(update={"params": {
             "encoder_name": "resnet18", "encoder_depth": 4, "decoder_channels": [128, 64, 32, 16]}})
@@ -183,7 +191,7 @@ def arm_data(arm: str, train: PatchDataset, seed: int, config: ExperimentConfig)
     if arm.endswith("all-masks"):
         return train.subset(np.flatnonzero(train.has_mask)).without_labels()
     few = limit_masks(train, config.mask_fraction, seed)
-    if arm == "joint":
+    if arm in LABEL_ARMS:
         return few
     return few.subset(np.flatnonzero(few.has_mask)).without_labels()
 
@@ -192,7 +200,7 @@ def run_arm(arm: str, seed: int, train: PatchDataset, test: PatchDataset,
             config: ExperimentConfig) -> dict[str, Any]:
     card = arm_card(arm, config)
     data = arm_data(arm, train, seed, config)
-    extra = config.label_batch if arm == "joint" else 0
+    extra = config.label_batch if arm in LABEL_ARMS else 0
     fit_config = FitConfig(steps=config.steps, batch_size=config.batch_size + extra,
                            lr=config.lr, seed=seed, device=config.device,
                            masked_per_batch=config.batch_size, cls_weight=config.cls_weight,
@@ -211,7 +219,7 @@ def run_arm(arm: str, seed: int, train: PatchDataset, test: PatchDataset,
         "loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:])),
         "heldout": metrics,
     }
-    if arm != "joint":
+    if arm not in LABEL_ARMS:
         row["heldout"].pop("cls", None)  # an untrained classification head says nothing
     log.info("%s seed %d: held-out mean Dice %.3f (%.0fs)", arm, seed,
              metrics["seg"]["mean_dice"], seconds)
