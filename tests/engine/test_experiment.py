@@ -18,7 +18,7 @@ def test_experiment_protocol_in_miniature(cmu_svs: Path, tmp_path: Path) -> None
     config = ExperimentConfig(out_dir=tmp_path, source=cmu_svs, crop=(400, 500, 1000, 1600),
                               mpp=1.0, patch_px=64, train_stride=32, test_stride=64,
                               mask_fraction=0.1, steps=2, batch_size=2, label_batch=2,
-                              labels="region")
+                              labels="region", curve_every=1)
     results = run_experiment(config)
     assert json.loads((tmp_path / "results.json").read_text())["summary"] == results["summary"]
     runs = {r["arm"]: r for r in results["runs"]}
@@ -34,6 +34,9 @@ def test_experiment_protocol_in_miniature(cmu_svs: Path, tmp_path: Path) -> None
     assert "cls" not in runs["unet-masks-only"]["heldout"]
     for run in runs.values():
         assert 0 <= run["heldout"]["seg"]["mean_dice"] <= 1
+        # the learning curve ends at the final model's held-out figure
+        assert [c["step"] for c in run["curve"]] == [1, 2]
+        assert run["curve"][-1]["mean_dice"] == run["heldout"]["seg"]["mean_dice"]
         assert np.isfinite(run["loss_first"]) and np.isfinite(run["loss_last"])
     # two slides: the held-out one is the rows below the training one
     slides = sorted(p.name for p in (tmp_path / "slides").iterdir())

