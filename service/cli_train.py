@@ -138,11 +138,13 @@ def train_unet(encoder: str | None, dice_weight: float, **options: Any) -> None:
 @click.option("--cls-weight", type=float, default=1.0, show_default=True, help="Weight of L_cls.")
 @click.option("--masked-per-batch", type=int, help="Patches with masks in each batch (default: half).")
 @click.option("--classifier", type=click.Choice(["head", "max"]), default="head", show_default=True, help="Class logits from the segmentation map: the paper's head (pool + conv 8 + conv) or the per-class max of the map, as the authors' code runs it.")
+@click.option("--label-bn", type=click.Choice(["masked-running", "shared", "separate", "frozen"]), default="masked-running", show_default=True, help="How label-only patches meet BatchNorm: a pass of their own that leaves the running statistics to the masked patches, or one pass with them (shared), see README.")
 def train_joint(cls_weight: float, masked_per_batch: int | None, classifier: str,
-                **options: Any) -> None:
+                label_bn: str, **options: Any) -> None:
     """Train the joint classification-segmentation network (Ciga & Martel) on masks and
     patch class labels."""
-    _run("joint", fit_extra={"cls_weight": cls_weight, "masked_per_batch": masked_per_batch},
+    _run("joint", fit_extra={"cls_weight": cls_weight, "masked_per_batch": masked_per_batch,
+                             "label_bn": label_bn},
          spec_extra={"classifier": classifier}, **options)
 
 

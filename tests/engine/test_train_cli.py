@@ -87,6 +87,7 @@ def test_train_joint_resume_then_run_with_tta(annotated_slides: list[Path], cmu_
             "val_cls_macro_f1"} <= set(rows[-1])
     summary = json.loads((out / "training.json").read_text())
     assert summary["resumed_from_step"] == 2 and summary["steps"] == 4
+    assert summary["spec"]["fit"]["label_bn"] == "masked-running"  # the CLI's default
     train, val = summary["data"]["train"], summary["data"]["val"]
     assert train["groups"] == 1 and val["groups"] == 1  # split by patient (slide)
     assert 0 < train["with_mask"] < train["patches"] == train["with_label"]
