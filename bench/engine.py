@@ -17,6 +17,11 @@
    printed). Runs start after ``sync``, so that none pays for the writeback of the
    one before.
 Every rate is the median of ``--repeats`` runs (default 3).
+   Then ``--rounds`` paired rounds (default 5): in each, the best library's
+   ``read_region`` at N threads and the engine (the faster backend above) back to back,
+   and the median of the per-round ratios. Why: on a shared 2-vCPU VM the machine's
+   speed drifts by tens of percent from one minute to the next; a ratio of rates measured
+   seconds apart is steadier than one of medians measured a minute apart.
 4. A seeded U-Net (ResNet-18, 256 px tiles): its own forward rate on pre-decoded
    batches, then the engine with it on the same tiles: the ratio engine/model says
    how well the pipeline hides decoding and blending behind the model on this CPU.
@@ -43,7 +48,7 @@ from bench._common import (  # noqa: E402
     settle_disk,
     table,
 )
-from bench.read import LIBRARIES, measure_all, plan_for  # noqa: E402
+from bench.read import LIBRARIES, measure_all, plan_for, raw_rate  # noqa: E402
 
 
 def engine_rate(slide_path: Path, model: str, backend: str, threads: int, weights: Path | None,
@@ -69,6 +74,17 @@ def median_run(repeats: int, *args: object) -> dict:
     runs = sorted((engine_rate(*args) for _ in range(max(1, repeats))),  # type: ignore[arg-type]
                   key=lambda r: r["infer_s"])
     return {**runs[len(runs) // 2], "infer_s_all": [r["infer_s"] for r in runs]}
+
+
+def paired_rounds(rounds: int, slide: Path, tiles: list, tile_px: int, library: str,
+                  backend: str, threads: int, out_dir: Path) -> list[tuple[float, float]]:
+    """(ceiling tiles/s, engine infer tiles/s) per round, measured back to back."""
+    pairs = []
+    for _ in range(max(1, rounds)):
+        ceiling = raw_rate(slide, library, tiles, tile_px, threads)
+        e = engine_rate(slide, "identity", backend, threads, None, out_dir)
+        pairs.append((ceiling, e["tiles"] / e["infer_s"]))
+    return pairs
 
 
 def unet_card(folder: Path) -> Path:
@@ -126,6 +142,8 @@ def main() -> None:
     parser.add_argument("--skip-unet", action="store_true")
     parser.add_argument("--repeats", type=int, default=3,
                         help="each rate is the median of this many runs")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="paired rounds of ceiling and engine, back to back")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="where the engine writes its results (default: /dev/shm when "
                         "writable, else the bench cache)")
@@ -157,6 +175,17 @@ def main() -> None:
         figures[f"engine_{backend}"] = {**e, "infer_tiles_per_s": infer_rate, "job_tiles_per_s": job_rate,
                                         "ratio_infer_vs_best_raw": infer_rate / best,
                                         "ratio_infer_vs_our_reader": infer_rate / ours}
+    fastest = max(("openslide", "tiffslide"),
+                  key=lambda b: figures[f"engine_{b}"]["infer_tiles_per_s"])
+    pairs = paired_rounds(args.rounds, slide, tiles, tile_px, best_key[0], fastest,
+                          args.threads, out_dir)
+    ratios = sorted(e / c for c, e in pairs)
+    paired = ratios[len(ratios) // 2]
+    rows.append([f"paired rounds: engine ({fastest}) / {best_key[0]} read_region", args.threads,
+                 " ".join(f"{e:.0f}/{c:.0f}" for c, e in pairs),
+                 f"median {paired:.2f}x (range {ratios[0]:.2f}-{ratios[-1]:.2f})"])
+    figures["paired_rounds"] = {"library": best_key[0], "engine_backend": fastest,
+                                "pairs_tiles_per_s": pairs, "median_ratio": paired}
     if not args.skip_unet:
         card = unet_card(cache_dir() / "engine-unet-r18")
         uslide = real_tissue_slide(args.unet_size)

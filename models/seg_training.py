@@ -250,6 +250,11 @@ class FitConfig:
     #: (normalised by the running statistics, which it leaves as the masked patches made
     #: them).
     label_bn: Literal["shared", "separate", "masked-running", "frozen"] = "shared"
+    #: ``joint``: what L_cls compares a patch label with. ``softmax`` (the paper): the
+    #: classifier's logits, cross-entropy over the classes. ``presence``: each class's
+    #: presence in the segmentation map itself (see :func:`presence_loss`), read as BACH
+    #: labels are meant: the label's class is present, more severe ones are absent.
+    cls_loss: Literal["softmax", "presence"] = "softmax"
     #: Weight of a soft Dice term beside cross-entropy (``unet``; 0 = cross-entropy only).
     dice_weight: float = 0.0
     #: Pixel class weights of L_seg: inverse-frequency square roots, or none.
@@ -375,6 +380,24 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1 - dice[present].mean() if present.any() else logits.sum() * 0
 
 
+def presence_loss(seg_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of class presence against "most severe class present" labels.
+
+    A class's presence in a patch is its highest pixel probability in the segmentation
+    map (classes ordered by severity). A label ``c`` says class ``c`` is present and every
+    class above ``c`` absent; it says nothing of the milder classes, which a patch of a
+    severe class usually contains too (softmax cross-entropy over per-class maxima would
+    push them down). Mean over the (patch, class) pairs the labels constrain.
+    """
+    log_present = seg_logits.log_softmax(1).amax(dim=(2, 3))  # (N, C)
+    log_absent = torch.log1p(-log_present.exp().clamp(max=1 - 1e-6))
+    classes = torch.arange(seg_logits.shape[1], device=seg_logits.device)[None]
+    is_label = classes == labels[:, None]
+    known = (classes >= labels[:, None]).float()
+    nll = torch.where(is_label, -log_present, -log_absent)
+    return (nll * known).sum() / known.sum()
+
+
 def _lr_at(config: FitConfig, step: int) -> float:
     if config.lr_schedule == "cosine":
         return config.lr * 0.5 * (1 + math.cos(math.pi * min(step, config.steps) / config.steps))
@@ -461,7 +484,9 @@ def fit(
                 pred, masks[train.has_mask[index]], card.class_names)["mean_dice"]
         labelled = labels >= 0
         if with_labels and cls_logits is not None and labelled.any():
-            l_cls = cls_loss(cls_logits[labelled], labels[labelled])
+            l_cls = (presence_loss(seg_logits[labelled], labels[labelled])
+                     if config.cls_loss == "presence"
+                     else cls_loss(cls_logits[labelled], labels[labelled]))
             total = total + config.cls_weight * l_cls
             record["loss_cls"] = l_cls.item()
         optimiser.zero_grad(set_to_none=True)

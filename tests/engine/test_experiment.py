@@ -22,15 +22,16 @@ def test_experiment_protocol_in_miniature(cmu_svs: Path, tmp_path: Path) -> None
     results = run_experiment(config)
     assert json.loads((tmp_path / "results.json").read_text())["summary"] == results["summary"]
     runs = {r["arm"]: r for r in results["runs"]}
-    assert set(runs) == {"joint", "joint-max", "joint-masks-only", "unet-masks-only"}
+    assert set(runs) == {"joint", "joint-max", "joint-presence", "joint-masks-only",
+                         "unet-masks-only"}
     n_train = results["train_patches"]["patches"]
     masked = runs["joint"]["train"]["with_mask"]
     assert masked == max(1, round(0.1 * n_train)) and runs["joint"]["train"]["label_only"] == n_train - masked
-    assert runs["joint-max"]["train"] == runs["joint"]["train"]
+    assert runs["joint-max"]["train"] == runs["joint-presence"]["train"] == runs["joint"]["train"]
     for arm in ("joint-masks-only", "unet-masks-only"):
         assert runs[arm]["train"] == {"patches": masked, "with_mask": masked, "with_label": 0,
                                       "label_only": 0, "groups": 1}
-    assert "cls" in runs["joint"]["heldout"] and "cls" in runs["joint-max"]["heldout"]
+    assert all("cls" in runs[arm]["heldout"] for arm in ("joint", "joint-max", "joint-presence"))
     assert "cls" not in runs["unet-masks-only"]["heldout"]
     for run in runs.values():
         assert 0 <= run["heldout"]["seg"]["mean_dice"] <= 1
@@ -43,4 +44,4 @@ def test_experiment_protocol_in_miniature(cmu_svs: Path, tmp_path: Path) -> None
     assert slides == ["heldout.mask.png", "heldout.svs", "train.mask.png", "train.svs"]
     assert results["heldout_patches"]["patches"] > 0
     table = format_table(results["summary"])
-    assert table.count("\n") == 5 and "background / stroma / cellular" in table
+    assert table.count("\n") == 6 and "background / stroma / cellular" in table

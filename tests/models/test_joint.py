@@ -28,6 +28,7 @@ from models.seg_training import (
     group_split,
     limit_masks,
     patch_label_from_mask,
+    presence_loss,
 )
 from models.stain import PSEUDO_CLASSES, PSEUDO_COLORS, stain_pseudo_labels
 
@@ -272,6 +273,24 @@ def test_label_only_patches_reach_training_only_through_the_chosen_route(
 
     assert same(train(data, "masked-running"), train(other, "masked-running"))
     assert not same(train(data, "shared"), train(other, "shared"))
+
+
+def test_presence_loss_reads_labels_as_the_most_severe_class_present() -> None:
+    """A label ``c``: class ``c`` present (its best pixel's probability), the classes
+    above it absent, the milder ones free. By hand on a 3-class, 2-pixel map."""
+    # pixel 0: mostly class 0; pixel 1: class 1 and 2 split
+    probs = torch.tensor([[[0.8, 0.1]], [[0.1, 0.5]], [[0.1, 0.4]]]).log()[None]  # (1, 3, 1, 2)
+    logits = probs.clone().requires_grad_(True)
+    loss = presence_loss(logits, torch.tensor([1]))
+    # class 1 present (best pixel 0.5), class 2 absent (best pixel 0.4); class 0 unconstrained
+    assert loss.item() == pytest.approx((-math.log(0.5) - math.log(1 - 0.4)) / 2, rel=1e-5)
+    loss.backward()
+    assert logits.grad[0, :, 0, 0].abs().max() == 0  # pixel 0 is no class's best above 0
+    assert logits.grad[0, 1, 0, 1] < 0 and logits.grad[0, 2, 0, 1] > 0  # raise 1, lower 2
+    # the mildest label constrains every class; the most severe only its own
+    assert presence_loss(probs, torch.tensor([0])).item() == pytest.approx(
+        (-math.log(0.8) - math.log(0.5) - math.log(0.6)) / 3, rel=1e-5)
+    assert presence_loss(probs, torch.tensor([2])).item() == pytest.approx(-math.log(0.4), rel=1e-5)
 
 
 def test_resume_reproduces_an_uninterrupted_run(tissue_patches: PatchDataset, tmp_path: Path) -> None:

