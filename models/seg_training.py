@@ -8,14 +8,16 @@ neither, and a group (slide or patient) for the train/validation split.
 Losses (``joint``): ``L = L_seg + cls_weight * L_cls``. ``L_seg`` is pixel cross-entropy
 with class weights on the patches of the batch that have masks; ``L_cls`` is
 cross-entropy of the classification head (which sees only the segmentation map) on the
-patches that have a class label. A batch takes ``masked_per_batch`` patches with masks
-and fills the rest with label-only patches, so that a few percent of masked patches
-still train the segmentation every step. ``label_bn`` decides how the label-only
-patches meet BatchNorm: in the same pass their batch statistics normalise the masked
-patches too, which on its own (``cls_weight`` 0) cost the CMU experiment
-(``workers.experiments.joint_vs_masks``) about 0.2 held-out Dice. ``unet`` uses masks
-only: cross-entropy, plus soft Dice when ``dice_weight`` > 0. Augmentation: 90°
-rotations, flips, brightness, contrast and an HSV shift.
+patches that have a class label, or (``cls_loss="presence"``) binary cross-entropy of
+each class's presence in the segmentation map itself (:func:`presence_loss`). A batch
+takes ``masked_per_batch`` patches with masks and fills the rest with label-only
+patches, so that a few percent of masked patches still train the segmentation every
+step. ``label_bn`` decides how the label-only patches meet BatchNorm: in the same
+pass their batch statistics normalise the masked patches too, which on its own
+(``cls_weight`` 0) cost the CMU experiment (``workers.experiments.joint_vs_masks``)
+about 0.2 held-out Dice. ``unet`` uses masks only: cross-entropy, plus soft Dice when
+``dice_weight`` > 0. Augmentation: 90° rotations, flips, brightness, contrast and an
+HSV shift.
 
 Resumable and deterministic: the batches and augmentations come from one numpy
 generator seeded by ``seed``; its state, torch's, the optimiser's and the step are saved
