@@ -270,6 +270,8 @@ class FitConfig:
             raise ValueError("steps, batch_size and lr must be positive")
         if self.eval_every < 1 or self.checkpoint_every < 1:
             raise ValueError("eval_every and checkpoint_every must be positive")
+        if self.cls_loss not in ("softmax", "presence"):
+            raise ValueError(f"cls_loss must be softmax or presence, got {self.cls_loss!r}")
 
 
 @dataclass

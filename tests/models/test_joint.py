@@ -291,6 +291,8 @@ def test_presence_loss_reads_labels_as_the_most_severe_class_present() -> None:
     assert presence_loss(probs, torch.tensor([0])).item() == pytest.approx(
         (-math.log(0.8) - math.log(0.5) - math.log(0.6)) / 3, rel=1e-5)
     assert presence_loss(probs, torch.tensor([2])).item() == pytest.approx(-math.log(0.4), rel=1e-5)
+    with pytest.raises(ValueError, match="cls_loss must be softmax or presence, got 'bce'"):
+        FitConfig(cls_loss="bce")  # type: ignore[arg-type]
 
 
 def test_resume_reproduces_an_uninterrupted_run(tissue_patches: PatchDataset, tmp_path: Path) -> None:
