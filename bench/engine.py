@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -165,7 +166,7 @@ def main() -> None:
     ours = raw[("slidepipe", args.threads)]
     figures: dict = {"slide_px": args.size, "tiles": len(tiles),
                      "raw_tiles_per_s": {f"{b}/{t}": r for (b, t), r in raw.items()}}
-    for backend in ("openslide", "tiffslide"):
+    for backend in LIBRARIES:
         e = median_run(args.repeats, slide, "identity", backend, args.threads, None, out_dir)
         infer_rate, job_rate = e["tiles"] / e["infer_s"], e["tiles"] / e["total_s"]
         rows.append([f"engine identity ({backend}), infer stage", args.threads, f"{infer_rate:.0f}",
@@ -175,12 +176,12 @@ def main() -> None:
         figures[f"engine_{backend}"] = {**e, "infer_tiles_per_s": infer_rate, "job_tiles_per_s": job_rate,
                                         "ratio_infer_vs_best_raw": infer_rate / best,
                                         "ratio_infer_vs_our_reader": infer_rate / ours}
-    fastest = max(("openslide", "tiffslide"),
+    fastest = max(LIBRARIES,
                   key=lambda b: figures[f"engine_{b}"]["infer_tiles_per_s"])
     pairs = paired_rounds(args.rounds, slide, tiles, tile_px, best_key[0], fastest,
                           args.threads, out_dir)
     ratios = sorted(e / c for c, e in pairs)
-    paired = ratios[len(ratios) // 2]
+    paired = statistics.median(ratios)
     rows.append([f"paired rounds: engine ({fastest}) / {best_key[0]} read_region", args.threads,
                  " ".join(f"{e:.0f}/{c:.0f}" for c, e in pairs),
                  f"median {paired:.2f}x (range {ratios[0]:.2f}-{ratios[-1]:.2f})"])
