@@ -206,6 +206,10 @@ def main() -> None:
           f"one per stored chunk); each rate is the median of {args.repeats} runs")
     print(f"best raw read_region: {best_key[0]} with {best_key[1]} threads, {best:.0f} tiles/s; "
           f"slidepipe's reader with {args.threads}: {ours:.0f} tiles/s")
+    # the whole job adds per-slide stages (tissue mask, pyramid, thumbnail, slide hash)
+    stages = figures[f"engine_{fastest}"]["timings"]
+    print(f"whole job ({fastest}), seconds per stage: "
+          + ", ".join(f"{name} {seconds:.2f}" for name, seconds in stages.items()))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 

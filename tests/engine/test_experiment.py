@@ -31,6 +31,11 @@ def test_experiment_protocol_in_miniature(cmu_svs: Path, tmp_path: Path) -> None
     for arm in ("joint-masks-only", "unet-masks-only"):
         assert runs[arm]["train"] == {"patches": masked, "with_mask": masked, "with_label": 0,
                                       "label_only": 0, "groups": 1}
+    # every arm trains on the same masked pixels; their class shares add up to one
+    shares = runs["joint"]["masked_class_shares"]
+    assert list(shares) == ["background", "stroma", "cellular"]
+    assert abs(sum(shares.values()) - 1) < 1e-3
+    assert all(run["masked_class_shares"] == shares for run in runs.values())
     assert all("cls" in runs[arm]["heldout"] for arm in ("joint", "joint-max", "joint-presence"))
     assert "cls" not in runs["unet-masks-only"]["heldout"]
     for run in runs.values():
