@@ -321,10 +321,14 @@ class _Batches:
         return np.concatenate(parts)
 
 
-def pixel_class_weights(data: PatchDataset, n_classes: int) -> np.ndarray:
+def masked_pixel_counts(data: PatchDataset, n_classes: int) -> np.ndarray:
+    """(n_classes,) how many annotated pixels of each class the patches' masks hold."""
     known = data.masks[data.has_mask]
-    counts = np.bincount(known[known != IGNORE].ravel(), minlength=n_classes)[:n_classes]
-    counts = counts.astype(np.float64)
+    return np.bincount(known[known != IGNORE].ravel(), minlength=n_classes)[:n_classes]
+
+
+def pixel_class_weights(data: PatchDataset, n_classes: int) -> np.ndarray:
+    counts = masked_pixel_counts(data, n_classes).astype(np.float64)
     weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / n_classes, 0.0) ** 0.5
     return weights if weights.any() else np.ones(n_classes)
 

@@ -74,7 +74,14 @@ import torch
 
 from models.architectures import build_module
 from models.card import ClassSpec, ModelCard
-from models.seg_training import IGNORE, FitConfig, PatchDataset, evaluate, fit, limit_masks
+from models.seg_training import (
+    FitConfig,
+    PatchDataset,
+    evaluate,
+    fit,
+    limit_masks,
+    masked_pixel_counts,
+)
 from models.stain import PSEUDO_CLASSES, PSEUDO_COLORS, stain_pseudo_labels
 from workers.sample_data import fetch_cmu_small_region
 from workers.seg_training import make_card
@@ -210,10 +217,9 @@ def arm_data(arm: str, train: PatchDataset, seed: int, config: ExperimentConfig)
 def masked_class_shares(data: PatchDataset, classes: list[str]) -> dict[str, float]:
     """Each class's share of the pixels under the masks an arm trains on: with one or two
     masked patches, a class they miss cannot be learned from the masks alone."""
-    pixels = data.masks[data.has_mask]
-    known = pixels[pixels != IGNORE]
-    counts = np.bincount(known, minlength=len(classes))[: len(classes)]
-    return {name: round(float(n) / max(known.size, 1), 4) for name, n in zip(classes, counts)}
+    counts = masked_pixel_counts(data, len(classes))
+    total = max(int(counts.sum()), 1)
+    return {name: round(float(n) / total, 4) for name, n in zip(classes, counts)}
 
 
 def run_arm(arm: str, seed: int, train: PatchDataset, test: PatchDataset,
