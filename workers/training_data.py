@@ -338,7 +338,7 @@ def load_slide_patches(
     is_mask_image = source.annotations.suffix.lower() in IMAGE_SUFFIXES
     polygons = None if is_mask_image else read_geojson(source.annotations, classes)
     label_image = read_mask_image(source.annotations, classes) if is_mask_image else None
-    images, masks = [], []
+    images, masks, kept = [], [], []
     with Slide(source.slide) as slide:
         grid_mpp = slide.grid_mpp(mpp)
         width, height = slide.scaled_dimensions(grid_mpp)
@@ -351,7 +351,8 @@ def load_slide_patches(
             return _empty(patch_px)
         keep = tissue_fractions(mask, boxes, grid_mpp, width, height) >= min_tissue
         to_level0 = grid_mpp / slide.mpp
-        for x, y, _, _ in boxes[keep]:
+        for box in boxes[keep]:
+            x, y = box[:2]
             box0 = (x * to_level0, y * to_level0, (x + patch_px) * to_level0,
                     (y + patch_px) * to_level0)
             if polygons is not None:
@@ -365,13 +366,15 @@ def load_slide_patches(
                 continue
             images.append(slide.read_scaled(grid_mpp, int(x), int(y), patch_px, patch_px))
             masks.append(m)
+            kept.append(box)
     if not images:
         log.warning("%s: no annotated patch with %.0f%% tissue", source.slide, 100 * min_tissue)
         return _empty(patch_px)
     mask_arr = np.stack(masks)
     labels = [patch_label_from_mask(m, len(classes), label_rule) for m in mask_arr]
     group = source.group or source.slide.stem
-    data = PatchDataset.build(np.stack(images), mask_arr, labels, [group] * len(images))
+    data = PatchDataset.build(np.stack(images), mask_arr, labels, [group] * len(images),
+                              boxes=np.stack(kept))
     if labels_only:
         data = data.without_masks(np.arange(len(data)))
     log.info("%s: %d patches of %d px at %.3g µm/px", source.slide.name, len(data), patch_px,

@@ -36,6 +36,11 @@ def test_experiment_protocol_in_miniature(cmu_svs: Path, tmp_path: Path) -> None
     assert list(shares) == ["background", "stroma", "cellular"]
     assert abs(sum(shares.values()) - 1) < 1e-3
     assert all(run["masked_class_shares"] == shares for run in runs.values())
+    # the training patches overlap (32 px stride at 64 px), so the masked ones cover a
+    # larger share of the tissue than of the patch count; the same share in every arm
+    area = runs["joint"]["masked_area_share"]
+    assert masked / n_train < area < 1
+    assert all(run["masked_area_share"] == area for run in runs.values())
     assert all("cls" in runs[arm]["heldout"] for arm in ("joint", "joint-max", "joint-presence"))
     assert "cls" not in runs["unet-masks-only"]["heldout"]
     for run in runs.values():

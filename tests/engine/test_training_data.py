@@ -55,6 +55,7 @@ def test_tile_folder_with_masks_and_label_csv(tmp_path: Path, cmu_rgb: np.ndarra
     assert data.summary() == {"patches": 6, "with_mask": 4, "with_label": 6, "label_only": 2,
                               "groups": 3}
     assert set(data.groups) == {"A", "B", "P9"}
+    assert (data.boxes == -1).all()  # tiles from a folder: no place on a slide
     a = np.flatnonzero(data.groups == "A")
     assert data.labels[a].tolist() == [1, 1, 2]  # the majority class
     b = np.flatnonzero(data.groups == "B")[0]
@@ -126,6 +127,8 @@ def test_label_mask_beside_the_slide_and_tissue_threshold(annotated_slide: Path,
     data = load_slide_patches(source, CLASSES, mpp=2.0, patch_px=64, min_tissue=0.0,
                               label_rule=(0, 0.5, 0.2))
     assert len(data) == 4 * 3 and set(data.groups) == {"patient-1"}
+    # each patch knows its place on the 2 µm/px grid, row by row
+    assert data.boxes.tolist() == [[x, y, 64, 64] for y in (0, 64, 128) for x in (0, 64, 128, 192)]
     # the 2 µm/px grid is the mask's own grid: the patches tile it exactly
     assert np.array_equal(_mosaic(data, 4, 64), label_image)
     assert data.labels.tolist() == [0, 0, 1, 1] * 1 + [0, 0, 2, 2] * 2

@@ -27,6 +27,7 @@ from models.seg_training import (
     fit,
     group_split,
     limit_masks,
+    masked_area_share,
     patch_label_from_mask,
     presence_loss,
 )
@@ -154,6 +155,24 @@ def test_patch_labels_split_and_mask_limits() -> None:
     assert few.has_mask.sum() == 2 and (few.masks[~few.has_mask] == IGNORE).all()
     assert (few.labels == 1).all()  # labels stay where masks go
     assert limit_masks(data, 0.05, seed=0).has_mask.tolist() == few.has_mask.tolist()
+
+
+def test_masked_area_share_counts_overlapping_patches_once() -> None:
+    # slide a: three 64 px patches on a 32 px stride in a row (they span 128 x 64 px);
+    # slide b: one 64 px patch of its own
+    boxes = np.array([(0, 0, 64, 64), (32, 0, 64, 64), (64, 0, 64, 64), (96, 96, 64, 64)])
+    masks = np.ones((4, 8, 8), np.uint8)
+    data = PatchDataset.build(np.zeros((4, 8, 8, 3), np.uint8), masks,
+                              groups=["a", "a", "a", "b"], boxes=boxes)
+    spanned = 128 * 64 + 64 * 64
+    assert masked_area_share(data) == 1.0
+    assert masked_area_share(data.without_masks(np.array([1, 2, 3]))) == 64 * 64 / spanned
+    # the middle patch adds only the 32 px its left neighbour does not cover
+    assert masked_area_share(data.without_masks(np.array([2, 3]))) == 96 * 64 / spanned
+    assert masked_area_share(data.without_masks(np.array([0, 1, 2]))) == 64 * 64 / spanned
+    # tiles from a folder have no place on a slide: no share to give
+    assert masked_area_share(PatchDataset.build(np.zeros((2, 8, 8, 3), np.uint8))) is None
+    assert data.subset([3]).boxes.tolist() == [[96, 96, 64, 64]]
 
 
 @pytest.fixture(scope="module")
