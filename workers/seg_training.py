@@ -39,6 +39,7 @@ from models.seg_training import (
     fit,
     group_split,
     limit_masks,
+    masked_area_share,
 )
 from workers.training_data import (
     SlideSource,
@@ -283,7 +284,8 @@ def run_training(
                      checkpoint_dir=out_dir, resume=resuming, on_step=step_cb, on_eval=eval_cb)
     finally:
         metrics_log.close()
-    data = {"train": {**train.summary(), "with_mask_before_limit": n_masked_all},
+    data = {"train": {**train.summary(), "with_mask_before_limit": n_masked_all,
+                      "masked_area_share": masked_area_share(train)},
             "val": val.summary()}
     seconds = round(time.perf_counter() - started, 2)
     summary = {

@@ -91,6 +91,8 @@ def test_train_joint_resume_then_run_with_tta(annotated_slides: list[Path], cmu_
     train, val = summary["data"]["train"], summary["data"]["val"]
     assert train["groups"] == 1 and val["groups"] == 1  # split by patient (slide)
     assert 0 < train["with_mask"] < train["patches"] == train["with_label"]
+    # patches on a 32 px stride overlap: the masks' share of the tissue is recorded too
+    assert 0 < train["masked_area_share"] < 1
     assert summary["final_val"]["val_seg_mean_dice"] >= 0
     card = json.loads((out / "card.json").read_text())
     assert card["architecture"] == "joint" and card["weights"] == "weights.safetensors"
