@@ -173,6 +173,10 @@ def test_masked_area_share_counts_overlapping_patches_once() -> None:
     # tiles from a folder have no place on a slide: no share to give
     assert masked_area_share(PatchDataset.build(np.zeros((2, 8, 8, 3), np.uint8))) is None
     assert data.subset([3]).boxes.tolist() == [[96, 96, 64, 64]]
+    # odd sizes far out on a huge slide: counted on the boxes' edges, not per pixel
+    far = PatchDataset.build(np.zeros((2, 8, 8, 3), np.uint8), np.ones((2, 8, 8), np.uint8),
+                             boxes=[(10**9, 10**9, 255, 255), (10**9 + 128, 10**9, 255, 255)])
+    assert masked_area_share(far.without_masks(np.array([1]))) == 255 / 383
 
 
 @pytest.fixture(scope="module")
