@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -74,9 +73,9 @@ def median_of(repeats: int, measure: Callable[[], float]) -> float:
 
 def real_tissue_slide(size_px: int, flavor: str = "svs") -> Path:
     """Real H&E (cmu_small_region, mirrored) as a JPEG pyramidal slide, cached."""
-    from workers.sample_data import fetch_cmu_small_region
+    from workers.demo.sample_data import fetch_cmu_small_region
+    from wsi.pyramid_tiff import write_slide_from_array
     from wsi.reader import Slide
-    from wsi.synthetic import write_slide_from_array
 
     path = cache_dir() / f"cmu-mirrored-{size_px}.{'svs' if flavor == 'svs' else 'tiff'}"
     if not path.is_file():
@@ -90,7 +89,7 @@ def real_tissue_slide(size_px: int, flavor: str = "svs") -> Path:
 
 def banded_slide(size_px: int, tissue_fraction: float = 0.1, mpp: float = 0.5) -> Path:
     """A mostly-background slide with tissue bands, cached."""
-    from wsi.synthetic import write_banded_slide
+    from tests.scenes import write_banded_slide
 
     path = cache_dir() / f"banded-{size_px}-{tissue_fraction:g}-{mpp:g}.svs"
     if not path.is_file():
@@ -122,10 +121,6 @@ def run_child(args: Sequence[str]) -> tuple[dict, int]:
     if report["rc"] != 0:
         raise RuntimeError(f"child {args} failed (rc {report['rc']}): {done.stderr[-2000:]}")
     return json.loads(report["out"].strip().splitlines()[-1]), report["maxrss_kb"] * 1024
-
-
-def self_peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -56,7 +56,8 @@ def card_for(folder: Path, tile: int, overlap: int, model: str = "unet") -> Path
 
     from models.architectures import build_module
     from models.card import IMAGENET, ClassSpec, ModelCard
-    from models.registry import BUILTIN_CARDS, save_weights
+    from models.catalogue import BUILTIN_CARDS
+    from models.loading import save_weights
 
     card_path = folder / "card.json"
     if card_path.is_file():
@@ -81,9 +82,9 @@ def image_for(size: int) -> tuple[Path, Path]:
     """The benchmark image as .npy (for MONAI) and as a lossless slide (for the engine)."""
     import numpy as np
 
-    from workers.sample_data import fetch_cmu_small_region
+    from workers.demo.sample_data import fetch_cmu_small_region
+    from wsi.pyramid_tiff import ArraySource, write_pyramidal_tiff
     from wsi.reader import Slide
-    from wsi.synthetic import ArraySource, write_pyramidal_tiff
 
     npy, slide = cache_dir() / f"blend-{size}.npy", cache_dir() / f"blend-{size}.svs"
     if not (npy.is_file() and slide.is_file()):
@@ -103,8 +104,8 @@ def child_monai(npy: str, card: str, mode: str, out: str) -> None:
     from monai.inferers import sliding_window_inference
 
     from models.card import read_card
+    from models.loading import load_model
     from models.predictor import fuse_conv_bn
-    from models.registry import load_model
 
     c = read_card(Path(card))
     mode, _, variant = mode.partition("+")
@@ -148,8 +149,8 @@ def child_ours(slide: str, card: str, window: str, out: str) -> None:
     import numpy as np
     import zarr
 
-    from workers.engine import run_engine
-    from workers.spec import RunSpec
+    from workers.engine.run import run_engine
+    from workers.engine.spec import RunSpec
     from wsi.ome_zarr import full_scale
 
     window, _, dtype = window.partition("+")
@@ -171,8 +172,8 @@ def whole_pass(npy: Path, card: Path) -> object:
     import numpy as np
 
     from models.card import read_card
+    from models.loading import load_model
     from models.predictor import Predictor
-    from models.registry import load_model
 
     image = np.load(npy)
     predictor = Predictor(load_model(read_card(card)), device="cpu")

@@ -56,8 +56,8 @@ def engine_rate(slide_path: Path, model: str, backend: str, threads: int, weight
                 out_dir: Path) -> dict:
     """One engine run into a scratch folder under ``out_dir``, after flushing the
     previous run's writes."""
-    from workers.engine import run_engine
-    from workers.spec import RunSpec
+    from workers.engine.run import run_engine
+    from workers.engine.spec import RunSpec
 
     with scratch("slidepipe-engine-", out_dir) as folder:
         settle_disk()
@@ -94,7 +94,7 @@ def unet_card(folder: Path) -> Path:
 
     from models.architectures import build_module
     from models.card import IMAGENET, ClassSpec, ModelCard
-    from models.registry import save_weights
+    from models.loading import save_weights
 
     if (folder / "card.json").is_file():
         return folder / "card.json"
@@ -115,8 +115,8 @@ def forward_rate(card_path: Path, slide: Path, tiles: list, batch_size: int, rep
     import numpy as np
 
     from models.card import read_card
+    from models.loading import load_model
     from models.predictor import Predictor
-    from models.registry import load_model
     from wsi.reader import Slide
 
     card = read_card(card_path)

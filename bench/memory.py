@@ -29,8 +29,8 @@ def child(slide: str, model: str, out: str, target_mpp: str) -> None:
     """Run the engine once and print its figures as JSON (runs in the measured process)."""
     import shutil
 
-    from workers.engine import run_engine
-    from workers.spec import RunSpec
+    from workers.engine.run import run_engine
+    from workers.engine.spec import RunSpec
 
     start = time.perf_counter()
     try:

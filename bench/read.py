@@ -27,7 +27,7 @@ from bench._common import median_of, real_tissue_slide, table  # noqa: E402
 
 
 def plan_for(slide_path: Path, model: str):  # type: ignore[no-untyped-def]
-    from models.registry import resolve_card
+    from models.catalogue import resolve_card
     from wsi.reader import Slide
     from wsi.tiling import TileGeometry, plan_tiles
     from wsi.tissue import tissue_mask

@@ -16,7 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from models.errors import ModelCardInvalid
 
-ARCHITECTURES = ("identity", "unet", "joint", "cyclegan")
 CARD_FILE = "card.json"
 
 

@@ -3,7 +3,7 @@
 A checkpoint folder holds
 
 ``card.json`` + ``weights.safetensors``
-    the model as the engine and the service load it (``models.registry``);
+    the model as the engine and the service load it (``models.catalogue``);
 ``checkpoint.pt``
     what resuming needs besides the weights: the step, the optimiser's and scheduler's
     state, and the random generators' state (tensors and plain values only, read back
@@ -24,7 +24,7 @@ from torch import nn
 
 from models.card import ModelCard
 from models.errors import CheckpointUnreadable
-from models.registry import read_state_dict, save_weights
+from models.loading import read_state_dict, save_weights
 
 WEIGHTS_FILE = "weights.safetensors"
 STATE_FILE = "checkpoint.pt"

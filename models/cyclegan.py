@@ -33,22 +33,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.card import ClassSpec, ModelCard, Normalization, OutputSpec
+from models.card import ModelCard
 from models.errors import ModelCardInvalid
 
 #: Card params the cyclegan architecture reads (the others are descriptive).
 ARCH_PARAMS = ("depth", "base_filters", "residual_blocks")
 #: Descriptive card params: which way this generator maps, and the domains' names.
 INFO_PARAMS = ("direction", "source_domain", "target_domain", "trained_epochs", "trained_steps")
-#: Inputs are scaled to [-1, 1] (tanh range) by the card's normalisation.
-TANH_NORMALIZATION = Normalization(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-RGB_CLASSES = [
-    ClassSpec(name="red", color="FF0000"),
-    ClassSpec(name="green", color="00FF00"),
-    ClassSpec(name="blue", color="0000FF"),
-]
-
-
 def _conv_block(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
     return [
         nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, padding_mode="reflect", bias=False),
@@ -188,43 +179,3 @@ def build_cyclegan(card: ModelCard) -> nn.Module:
     if card.output_stride != 1:
         raise ModelCardInvalid(f"cyclegan card {card.name!r} must have output_stride 1")
     return StainTransformer(generator, crop_px=card.output_crop_px)
-
-
-def cyclegan_card(
-    name: str,
-    *,
-    target_mpp: float = 0.5,
-    depth: int = 3,
-    base_filters: int = 32,
-    residual_blocks: int = 1,
-    tile_px: int = 2048,
-    kept_px: int = 1024,
-    stride_px: int = 512,
-    description: str = "",
-    weights: str | None = None,
-    extra_params: dict[str, Any] | None = None,
-) -> ModelCard:
-    """A card for one direction of a trained CycleGAN, with the paper's slide geometry
-    by default: 2048 px tiles, the central 1024 kept, stride 512."""
-    crop = (tile_px - kept_px) // 2
-    if tile_px - 2 * crop != kept_px or kept_px <= 0:
-        raise ModelCardInvalid(f"kept_px={kept_px} must leave an even margin of tile_px={tile_px}")
-    return ModelCard(
-        name=name,
-        architecture="cyclegan",
-        description=description or (
-            "Stain-transforming CycleGAN generator (de Bel et al., MIDL 2019): RGB tile in, "
-            "the same tissue in the target centre's stain out."
-        ),
-        classes=list(RGB_CLASSES),
-        activation="none",
-        target_mpp=target_mpp,
-        tile_px=tile_px,
-        overlap_px=tile_px - stride_px,
-        output_crop_px=crop,
-        normalization=TANH_NORMALIZATION,
-        outputs=[OutputSpec(name="rgb", channels="rgb")],
-        params={"depth": depth, "base_filters": base_filters,
-                "residual_blocks": residual_blocks, **(extra_params or {})},
-        weights=weights,
-    )

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from models.card import ModelCard
-from models.cyclegan import Generator, PatchDiscriminator, StainTransformer, cyclegan_card
+from models.catalogue import cyclegan_card
+from models.cyclegan import Generator, PatchDiscriminator, StainTransformer
 from models.errors import CheckpointUnreadable
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ the head the paper describes, above. ``max`` is what the authors' released code
 the class logits are the global max of each class's segmentation logits, with no
 layers of their own. Then L_cls can only raise or lower a class's own map, where the
 head may use the segmentation channels as free features. In the CMU region experiment
-(``workers.experiments.joint_vs_masks``, README) the labels cost Dice through the head;
+(``experiments.joint_vs_masks``, README) the labels cost Dice through the head;
 through the max they cost none, but did not reliably add any either.
 
 The forward pass returns both outputs keyed by the names the engine stores them under:

@@ -24,7 +24,7 @@ from torch import nn
 
 from models.card import ACTIVATED_OUTPUTS, ModelCard, OutputSpec
 from models.errors import ModelCardInvalid
-from models.registry import LoadedModel
+from models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Training the segmenters: ``joint`` (Ciga & Martel) and ``unet``, CPU or CUDA.
 
-Data come in as a :class:`PatchDataset` (numpy arrays, built by ``workers.training_data``
+Data come in as a :class:`PatchDataset` (numpy arrays, built by ``workers.training.data``
 from tile folders, CSVs of patch labels, or slides with annotations): every patch may
 have a mask (pixel classes, ``IGNORE`` where unannotated), a patch class label, both or
 neither, and a group (slide or patient) for the train/validation split.
@@ -14,7 +14,7 @@ takes ``masked_per_batch`` patches with masks and fills the rest with label-only
 patches, so that a few percent of masked patches still train the segmentation every
 step. ``label_bn`` decides how the label-only patches meet BatchNorm: in the same
 pass their batch statistics normalise the masked patches too, which on its own
-(``cls_weight`` 0) cost the CMU experiment (``workers.experiments.joint_vs_masks``)
+(``cls_weight`` 0) cost the CMU experiment (``experiments.joint_vs_masks``)
 about 0.2 held-out Dice. ``unet`` uses masks only: cross-entropy, plus soft Dice when
 ``dice_weight`` > 0. Augmentation: 90° rotations, flips, brightness, contrast and an
 HSV shift.

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from models.card import ModelCard, OutputSpec
+from models.loading import LoadedModel, load_model
 from models.macenko import MacenkoNormalizer
 from models.predictor import Predictor
-from models.registry import LoadedModel, load_model
 
 #: The name of the stained RGB output a chain stores when asked to.
 STAINED_OUTPUT = OutputSpec(name="stained", channels="rgb")

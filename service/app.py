@@ -11,8 +11,8 @@ from fastapi import FastAPI
 
 from service.errors import install_error_handlers
 from service.routes import health, jobs, models, slides
-from workers.settings import Settings, get_settings
-from workers.store import JobStore
+from workers.jobs.settings import Settings, get_settings
+from workers.jobs.store import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def create_app(
     settings = settings or get_settings()
     settings.api_key_owners()  # a malformed SLIDEPIPE_API_KEYS fails at start, not per request
     if enqueue is None:
-        from workers.tasks import enqueue_job
+        from workers.jobs.celery_app import enqueue_job
 
         enqueue = enqueue_job
 

@@ -17,7 +17,7 @@ import click
 from tqdm import tqdm
 
 from models.errors import ModelError
-from workers.spec import Progress, RunCancelled, RunSpec
+from workers.engine.spec import Progress, RunCancelled, RunSpec
 from wsi.errors import SlideError
 
 USER_ERRORS = (SlideError, ModelError, RunCancelled, FileNotFoundError)
@@ -100,7 +100,7 @@ def run_options(f: Callable[..., Any]) -> Callable[..., Any]:
 def run_command(slide: Path, model: str, out_path: Path, quiet: bool,
                 export_tiff: Path | None = None, **options: Any) -> None:
     """Run MODEL over SLIDE's tissue and write an OME-Zarr result."""
-    from workers.engine import run_engine
+    from workers.engine.run import run_engine
 
     spec = RunSpec(slide_path=slide, model=model, out_path=out_path, **options)
     bar = ProgressBar(enabled=not quiet)
@@ -153,7 +153,7 @@ def models_group() -> None:
 def models_list(model_dir: Path | None, as_json: bool) -> None:
     """Every model this installation can run, with its parameter count."""
     from models.architectures import build_module, count_parameters
-    from models.registry import list_model_cards
+    from models.catalogue import list_model_cards
 
     cards = list_model_cards(model_dir)
     if as_json:
@@ -183,7 +183,7 @@ def models_init(architecture: str, out_dir: Path, classes: tuple[str, ...], name
                 classifier: str | None, seed: int) -> None:
     """Write a NAME (unet, joint) card with freshly initialised weights to --out: a
     starting point for training, and what smoke tests and benchmarks run."""
-    from workers.seg_training import init_model, parse_classes
+    from workers.training.segmentation import init_model, parse_classes
 
     if (out_dir / "card.json").exists():
         raise click.ClickException(f"{out_dir / 'card.json'} already exists")
@@ -214,7 +214,7 @@ def setup_logging(verbose: bool) -> None:
 @click.option("--device", default="auto", show_default=True)
 def demo_command(out_dir: Path, steps: int, device: str) -> None:
     """Fetch a real H&E slide, train a small stain U-Net, run it, write zarr + heatmap."""
-    from workers.demo import run_demo
+    from workers.demo.run import run_demo
 
     training = tqdm(total=steps, desc="train", unit="step")
 

@@ -48,7 +48,7 @@ def _redact(url: str) -> str:
 
 def broker_problem(url: str) -> str | None:
     """None when the broker answers, else a message saying how to get one."""
-    from workers.celery_app import ping_broker
+    from workers.jobs.celery_app import ping_broker
 
     try:
         ping_broker(url, timeout_s=2.0)
@@ -74,7 +74,7 @@ def serve(host: str, port: int, log_level: str) -> None:
     """Run the REST API (uvicorn). Configuration: SLIDEPIPE_* variables or .env."""
     import uvicorn
 
-    from workers.settings import get_settings
+    from workers.jobs.settings import get_settings
 
     _setup_logging(log_level)
     settings = get_settings()
@@ -129,7 +129,7 @@ def worker(
     device: str | None, concurrency: int, pool: str, hostname: str | None, log_level: str
 ) -> None:
     """Run a Celery worker on the `gpu` queue (one per GPU, concurrency 1)."""
-    from workers.settings import get_settings
+    from workers.jobs.settings import get_settings
 
     if device is not None:
         if not DEVICE_PATTERN.match(device):
@@ -144,7 +144,7 @@ def worker(
     if problem:
         raise click.ClickException(problem)
     settings.ensure_dirs()
-    from workers.celery_app import QUEUE, app
+    from workers.jobs.celery_app import QUEUE, app
 
     argv = [
         "worker",
@@ -259,7 +259,7 @@ def _interrupt(signum: int, _frame: object) -> None:
 @click.option("--device", default="auto", show_default=True, help="the worker's device")
 def up(host: str, port: int, device: str) -> None:
     """API + one worker (+ a local redis-server if none answers): a first try in one command."""
-    from workers.settings import get_settings
+    from workers.jobs.settings import get_settings
 
     _setup_logging("info")
     settings = get_settings()

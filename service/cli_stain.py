@@ -6,7 +6,7 @@ continues it), ``metrics.jsonl`` (per epoch: losses, SSIM to the source and the
 colour-histogram Wasserstein distance to the other domain on validation patches),
 ``training.json``, and one model folder per direction (``<name>-a2b``, ``<name>-b2a``:
 card + weights), so ``--out`` works as a ``--model-dir`` for ``slidepipe run --stain``.
-The work itself is ``workers.stain_training.train_stain_cyclegan``.
+The work itself is ``workers.training.stain.train_stain_cyclegan``.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ def train_cyclegan(domain_a: tuple[Path, ...], domain_b: tuple[Path, ...], out_d
     """Train a stain-transforming CycleGAN (de Bel et al.) from domain A to domain B."""
     from models.cyclegan_training import CycleGANConfig
     from models.predictor import resolve_device
-    from workers.stain_data import collect_domain
-    from workers.stain_training import CHECKPOINT, CardGeometry, train_stain_cyclegan
+    from workers.training.stain import CHECKPOINT, CardGeometry, train_stain_cyclegan
+    from workers.training.stain_data import collect_domain
 
     checkpoint = out_dir / CHECKPOINT
     if checkpoint.exists() and not (resume or overwrite):

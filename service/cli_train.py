@@ -3,7 +3,7 @@
 The folder (``--out``) ends up with ``card.json`` + ``weights.safetensors`` (what
 ``slidepipe run`` and the service load: put it under ``SLIDEPIPE_MODEL_DIR`` to run it
 by name), ``checkpoint.pt`` (``--resume`` continues from it), ``metrics.jsonl`` and
-``training.json``. The work itself is ``workers.seg_training.run_training``.
+``training.json``. The work itself is ``workers.training.segmentation.run_training``.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _run(architecture: str, *, batch_size: int | None, lr: float | None, steps: 
          label_rule: tuple[float, ...] | None, fit_extra: dict[str, Any],
          spec_extra: dict[str, Any], **data: Any) -> None:
     from models.seg_training import FitConfig
-    from workers.seg_training import TrainSpec, parse_classes, run_training
+    from workers.training.segmentation import TrainSpec, parse_classes, run_training
 
     defaults = {"joint": (20, 1e-4), "unet": (16, 1e-3)}[architecture]
     with train_errors():

@@ -8,8 +8,8 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from workers.settings import Settings
-from workers.store import JobStore
+from workers.jobs.settings import Settings
+from workers.jobs.store import JobStore
 
 _bearer = HTTPBearer(auto_error=False, description="an API key from SLIDEPIPE_API_KEYS")
 

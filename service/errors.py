@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 
 from models.errors import CheckpointUnreadable, ModelCardInvalid, ModelError, UnknownModel
 from service.uploads import UploadRejected
-from workers.jobs import Conflict, NotFound, QueueUnavailable
+from workers.jobs.actions import Conflict, NotFound, QueueUnavailable
 from wsi.errors import (
     InvalidParameter,
     OutputExists,

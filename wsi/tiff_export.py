@@ -2,7 +2,7 @@
 
 The RGB image of a result (the root image of a ``cyclegan`` run, or the ``stained``
 group a chain stored on request) is streamed chunk by chunk from the zarr into
-:func:`wsi.synthetic.write_pyramidal_tiff`: an Aperio-style SVS (default) or a generic
+:func:`wsi.pyramid_tiff.write_pyramidal_tiff`: an Aperio-style SVS (default) or a generic
 tiled TIFF with the image's microns per pixel (the source slide's, when the model ran at
 the slide's own resolution), so that openslide, tiffslide, QuPath and this pipeline
 open it as a slide. Pixels no tile computed (glass outside the tissue mask) are white.
@@ -18,7 +18,7 @@ import zarr
 
 from wsi.errors import InvalidParameter
 from wsi.ome_zarr import ChunkFiles
-from wsi.synthetic import PyramidInfo, write_pyramidal_tiff
+from wsi.pyramid_tiff import PyramidInfo, write_pyramidal_tiff
 
 #: The image group a chain stores its stained tiles in.
 STAINED_GROUP = "stained"

@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from service.deps import SettingsDep, StoreDep
-from workers.celery_app import ping_broker
+from workers.jobs.celery_app import ping_broker
 
 router = APIRouter(tags=["health"])
 

@@ -23,9 +23,9 @@ from service.schemas import (
     JobList,
     JobOut,
 )
-from workers import jobs
-from workers.settings import Settings
-from workers.store import TERMINAL, JobRow, JobStatus, JobStore, as_utc
+from workers.jobs import actions as jobs
+from workers.jobs.settings import Settings
+from workers.jobs.store import TERMINAL, JobRow, JobStatus, JobStore, as_utc
 from wsi.errors import InvalidParameter
 from wsi.heatmap import MAX_HEATMAP_PX, render_heatmap_png
 

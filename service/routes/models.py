@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from models.registry import list_model_cards
+from models.catalogue import list_model_cards
 from service.deps import OwnerDep, SettingsDep
 
 router = APIRouter(prefix="/v1/models", tags=["models"])

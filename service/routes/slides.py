@@ -12,9 +12,9 @@ from fastapi import APIRouter, Query, Request, Response, status
 from service.deps import OwnerDep, SettingsDep, StoreDep
 from service.schemas import SlideList, SlideOut
 from service.uploads import receive_slide
-from workers import jobs
-from workers.settings import Settings
-from workers.store import SlideRow
+from workers.jobs import actions as jobs
+from workers.jobs.settings import Settings
+from workers.jobs.store import SlideRow
 from wsi.heatmap import encode_png
 from wsi.reader import Slide
 

@@ -14,11 +14,12 @@ from torch import nn
 
 from models.architectures import build_module
 from models.card import ClassSpec, ModelCard, OutputSpec
+from models.catalogue import BUILTIN_CARDS
 from models.errors import ModelCardInvalid
 from models.joint import JointSegClassNet
+from models.loading import LoadedModel, load_model
 from models.metrics import IGNORE, bach_score, classification_metrics, segmentation_metrics
 from models.predictor import Predictor
-from models.registry import BUILTIN_CARDS, LoadedModel, load_model
 from models.seg_training import (
     FitConfig,
     PatchDataset,

@@ -13,16 +13,10 @@ import torch
 
 from models.architectures import build_module
 from models.card import ModelCard, read_card
+from models.catalogue import BUILTIN_CARDS, list_model_cards, resolve_card
 from models.errors import CheckpointUnreadable, ModelCardInvalid, UnknownModel
+from models.loading import LoadedModel, load_model, save_weights
 from models.predictor import Predictor, resolve_device
-from models.registry import (
-    BUILTIN_CARDS,
-    LoadedModel,
-    list_model_cards,
-    load_model,
-    resolve_card,
-    save_weights,
-)
 
 
 def _small_unet_card(**update: object) -> ModelCard:

@@ -11,16 +11,11 @@ import torch
 from torch import nn
 
 from models.architectures import build_module, count_parameters
-from models.cyclegan import (
-    Generator,
-    PatchDiscriminator,
-    StainTransformer,
-    cyclegan_card,
-    receptive_field,
-)
+from models.catalogue import cyclegan_card, resolve_card
+from models.cyclegan import Generator, PatchDiscriminator, StainTransformer, receptive_field
 from models.cyclegan_training import CycleGANConfig, CycleGANTrainer, identity_weight
+from models.loading import load_model, save_weights
 from models.macenko import MacenkoNormalizer, StainReference, estimate_stains, restain
-from models.registry import load_model, resolve_card, save_weights
 from models.stain import HED_FROM_RGB, RGB_FROM_HED
 from models.stain_metrics import histogram_wasserstein, seam_energy_ratio, ssim, tissue_pixels
 

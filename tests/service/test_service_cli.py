@@ -152,8 +152,8 @@ def test_a_typo_in_a_queue_name_creates_no_queue() -> None:
     """``task_create_missing_queues=False``: a misspelt queue is an error, not a new queue."""
     from celery.exceptions import QueueNotFound
 
-    from workers.celery_app import QUEUE, app, create_celery_app
-    from workers.settings import Settings
+    from workers.jobs.celery_app import QUEUE, app, create_celery_app
+    from workers.jobs.settings import Settings
 
     assert QUEUE == "gpu" and app.conf.task_create_missing_queues is False
     unreachable = create_celery_app(Settings(broker_url=f"redis://127.0.0.1:{_free_port()}/0"))
@@ -171,7 +171,7 @@ def test_worker_refuses_an_unknown_queue(tmp_path: Path, redis_base_url: str) ->
             "-m",
             "celery",
             "-A",
-            "workers.celery_app",
+            "workers.jobs.celery_app",
             "worker",
             "-Q",
             "gpuu",

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from models.card import ClassSpec
-from workers.seg_training import init_model
+from workers.training.segmentation import init_model
 
 if TYPE_CHECKING:
     from conftest import Stack

@@ -13,8 +13,8 @@ import torch
 import zarr
 
 from models.architectures import build_module
-from models.cyclegan import cyclegan_card
-from models.registry import save_weights
+from models.catalogue import cyclegan_card
+from models.loading import save_weights
 
 if TYPE_CHECKING:
     from conftest import Stack

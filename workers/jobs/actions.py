@@ -1,0 +1,238 @@
+"""The jobs layer: validate a submission, store it, queue it; the API's routes stay thin.
+
+Everything a request can get wrong (an unknown model, a tile size out of range, a slide
+of another owner, a slide without mpp) is found here, before a single job is stored or
+queued, and raised as a typed error that ``service`` maps to an HTTP status.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from models.catalogue import resolve_card
+from models.errors import UnknownModel
+from workers.engine.geometry import run_geometry
+from workers.engine.spec import Progress
+from workers.engine.stain_choice import MACENKO, check_stain, stain_kind
+from workers.jobs.store import BatchRow, JobRow, JobStore, SlideRow
+from wsi.errors import InvalidParameter, SlideMissingMpp
+from wsi.tiling import MAX_TILE_PX
+
+log = logging.getLogger(__name__)
+
+MAX_JOBS_PER_BATCH = 1000
+
+
+class JobsError(Exception):
+    """Base of the errors of the jobs layer."""
+
+
+class NotFound(JobsError, LookupError):
+    """No such slide, job or batch for this owner (another owner's ids look the same)."""
+
+
+class Conflict(JobsError):
+    """The request contradicts the resource's state (e.g. a heatmap of a running job)."""
+
+
+class QueueUnavailable(JobsError, ConnectionError):
+    """The broker did not take the job; the job is marked failed, not left queued."""
+
+
+class JobParams(BaseModel):
+    """What a client may set for a run; ``None`` takes the model card's value.
+
+    Ranges are checked here so that absurd values answer 422 before anything is queued;
+    paths, device and overwrite are the server's business and cannot be set.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    target_mpp: float | None = Field(default=None, gt=0, le=256, description="µm/px")
+    slide_mpp: float | None = Field(default=None, gt=0, lt=1000, description="override")
+    tile_px: int | None = Field(default=None, ge=16, le=MAX_TILE_PX)
+    overlap_px: int | None = Field(default=None, ge=0, le=MAX_TILE_PX - 1)
+    batch_size: int | None = Field(
+        default=None, ge=1, le=256,
+        description="tiles per model call (default: from free GPU memory, 8 on CPU)")
+    backend: Literal["auto", "openslide", "tiffslide"] = "auto"
+    tissue_method: Literal["hsv-otsu", "grey-otsu"] = "hsv-otsu"
+    tissue_working_mpp: float = Field(default=8.0, gt=0, le=64)
+    min_tissue_fraction: float = Field(default=0.1, ge=0, le=1)
+    window: Literal["tent", "gaussian", "constant"] = "tent"
+    probability_dtype: Literal["uint8", "uint16", "float32"] = Field(
+        default="uint8", description="class probabilities in steps of 1/255, 1/65535 "
+        "(twice the bytes) or as float32 (four times)")
+    chunk_px: int = Field(default=512, ge=64, le=4096)
+    tta: bool = Field(default=False, description="test-time augmentation + variance map")
+    stain: str | None = Field(
+        default=None, min_length=1, max_length=64,
+        description="stain step before the model, in the same pass: 'macenko' or the name "
+        "of a cyclegan model")
+    stain_reference_slide: str | None = Field(
+        default=None, max_length=64,
+        description="Macenko only: the id of one of your slides whose stain is the target "
+        "(default: the built-in H&E reference)")
+    stain_output: bool = Field(
+        default=False, description="also store the stained RGB (image group 'stained')")
+
+    @model_validator(mode="after")
+    def _overlap_below_tile(self) -> JobParams:
+        if self.tile_px is not None and self.overlap_px is not None:
+            if self.overlap_px >= self.tile_px:
+                raise ValueError(
+                    f"overlap_px ({self.overlap_px}) must be smaller than tile_px ({self.tile_px})"
+                )
+        return self
+
+
+# -- progress as one number -------------------------------------------------------------
+#: The share of the whole run each stage takes (inference dominates).
+STAGE_SPANS: dict[str, tuple[float, float]] = {
+    "open": (0.0, 2.0),
+    "tissue": (2.0, 6.0),
+    "plan": (6.0, 10.0),
+    "infer": (10.0, 95.0),
+    "pyramid": (95.0, 99.0),
+    "done": (99.0, 100.0),
+}
+
+
+def progress_percent(progress: Progress) -> float:
+    lo, hi = STAGE_SPANS.get(progress.stage, (0.0, 0.0))
+    fraction = min(max(progress.fraction, 0.0), 1.0)
+    return round(lo + (hi - lo) * fraction, 2)
+
+
+# -- submission -------------------------------------------------------------------------
+def check_model(model: str, model_dir: Path | None) -> None:
+    """A model must be a card *name* here: clients do not get to point at server files."""
+    if "/" in model or "\\" in model or model.endswith(".json") or not model.strip():
+        raise UnknownModel(f"model must be the name of a model card, got {model!r}")
+    resolve_card(model, model_dir)
+
+
+def check_params(model: str, params: JobParams, model_dir: Path | None) -> None:
+    """Validate the tile geometry the run will use (job values over the card's)."""
+    run_geometry(resolve_card(model, model_dir), params.tile_px, params.overlap_px)
+    check_stain_params(params, model_dir)
+
+
+def check_stain_params(params: JobParams, model_dir: Path | None) -> None:
+    """A stain step must be Macenko or a cyclegan model *name* (no server paths)."""
+    if params.stain is None:
+        if params.stain_output or params.stain_reference_slide:
+            raise InvalidParameter("stain_output and stain_reference_slide need a stain step")
+        return
+    if stain_kind(params.stain) == MACENKO:
+        return
+    if params.stain_reference_slide:
+        raise InvalidParameter("stain_reference_slide applies to the Macenko stain step only")
+    check_model(params.stain, model_dir)
+    check_stain(params.stain, model_dir)
+
+
+def check_slides(store: JobStore, owner: str, slide_ids: Sequence[str], params: JobParams) -> None:
+    if not slide_ids:
+        raise InvalidParameter("at least one slide id is needed")
+    if len(slide_ids) > MAX_JOBS_PER_BATCH:
+        raise InvalidParameter(f"at most {MAX_JOBS_PER_BATCH} slides per batch")
+    if len(set(slide_ids)) != len(slide_ids):
+        raise InvalidParameter("a slide id appears twice in the batch")
+    for slide_id in slide_ids:
+        slide = store.get_slide(owner, slide_id)
+        if slide is None:
+            raise NotFound(f"slide {slide_id!r} not found")
+        if slide.mpp is None and params.slide_mpp is None:
+            raise SlideMissingMpp(
+                f"slide {slide_id!r} ({slide.filename}) declares no microns-per-pixel; "
+                "pass parameters.slide_mpp with the scanner's resolution"
+            )
+
+
+def submit(
+    store: JobStore,
+    enqueue: Callable[[str], None],
+    *,
+    owner: str,
+    slide_ids: Sequence[str],
+    model: str,
+    params: JobParams,
+    batch: bool,
+    model_dir: Path | None,
+) -> tuple[BatchRow | None, list[JobRow]]:
+    """Validate everything, store the jobs, then queue each one.
+
+    When the broker refuses, the stored jobs are failed with the reason (never left
+    ``queued`` with nothing in the queue) and :class:`QueueUnavailable` is raised.
+    """
+    check_model(model, model_dir)
+    check_params(model, params, model_dir)
+    check_slides(store, owner, slide_ids, params)
+    if params.stain_reference_slide is not None:
+        get_slide(store, owner, params.stain_reference_slide)  # NotFound for another owner's
+    stored_params = params.model_dump(exclude_defaults=False)
+    batch_row, jobs = store.create_jobs(owner, slide_ids, model, stored_params, batch=batch)
+    for index, job in enumerate(jobs):
+        try:
+            enqueue(job.id)
+        except Exception as err:  # kombu/redis raise assorted connection errors
+            log.error("could not queue job %s: %s", job.id, err)
+            unqueued = [j.id for j in jobs[index:]]
+            store.fail_unqueued(unqueued, f"could not be queued: broker unreachable ({err})")
+            raise QueueUnavailable(
+                f"the job queue (broker) is unreachable: {err}; {len(unqueued)} job(s) "
+                "were not queued and are marked failed"
+            ) from err
+    return batch_row, jobs
+
+
+def cancel(store: JobStore, owner: str, job_id: str) -> JobRow:
+    job = store.request_cancel(owner, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id!r} not found")
+    return job
+
+
+def get_job(store: JobStore, owner: str, job_id: str) -> JobRow:
+    job = store.get_job(owner, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id!r} not found")
+    return job
+
+
+def get_slide(store: JobStore, owner: str, slide_id: str) -> SlideRow:
+    slide = store.get_slide(owner, slide_id)
+    if slide is None:
+        raise NotFound(f"slide {slide_id!r} not found")
+    return slide
+
+
+def result_path(data_dir: Path, job: JobRow) -> Path:
+    """The published result of a succeeded job; Conflict while there is none."""
+    if job.status != "succeeded" or not job.result_rel_path:
+        raise Conflict(f"job {job.id!r} has no result: it is {job.status}")
+    path = data_dir / job.result_rel_path
+    if not path.is_dir():
+        raise NotFound(f"the result of job {job.id!r} is gone from storage")
+    return path
+
+
+def job_summary(job: JobRow) -> dict[str, Any]:
+    """The fields an event stream sends on each change."""
+    return {
+        "id": job.id,
+        "status": job.status,
+        "stage": job.stage,
+        "stage_done": job.stage_done,
+        "stage_total": job.stage_total,
+        "tiles_done": job.tiles_done,
+        "tiles_total": job.tiles_total,
+        "percent": job.percent,
+        "error": job.error,
+    }

@@ -1,0 +1,102 @@
+"""The Celery application: Redis broker and result backend, one ``gpu`` queue.
+
+Delivery is at-least-once: a task is acknowledged only after it returns
+(``task_acks_late``), a task whose pool process dies is handed back to the queue
+(``task_reject_on_worker_lost``), a worker holds one message at a time
+(``worker_prefetch_multiplier=1``), and a message left unacknowledged by a worker that
+died outright returns to the queue after the Redis visibility timeout. Running a job twice
+is made harmless by the job store's claim (see :mod:`workers.jobs.tasks`).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from celery import Celery
+from kombu import Queue
+
+from workers.jobs.settings import Settings, get_settings
+
+QUEUE = "gpu"
+RUN_JOB_TASK = "slidepipe.run_job"
+
+
+def create_celery_app(settings: Settings) -> Celery:
+    """A Celery app configured from ``settings``; tests build their own with other URLs."""
+    app = Celery(
+        "slidepipe",
+        broker=settings.broker_url,
+        backend=settings.effective_result_backend_url,
+        include=["workers.jobs.tasks"],
+    )
+    transport_options = {
+        "visibility_timeout": settings.broker_visibility_timeout_s,
+        "unacked_restore_interval": settings.broker_restore_interval_s,
+        "unacked_restore_throttle": 1,
+        "socket_connect_timeout": 3,
+        "socket_timeout": 30,
+    }
+    app.conf.update(
+        task_queues=(Queue(QUEUE, routing_key=QUEUE),),
+        task_default_queue=QUEUE,
+        task_default_routing_key=QUEUE,
+        task_routes={RUN_JOB_TASK: {"queue": QUEUE, "routing_key": QUEUE}},
+        task_create_missing_queues=False,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_expires=24 * 3600,
+        task_track_started=True,
+        broker_transport_options=transport_options,
+        result_backend_transport_options=transport_options,
+        broker_connection_timeout=3,
+        broker_connection_retry_on_startup=True,
+        task_publish_retry_policy={
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.5,
+            "interval_max": 1,
+        },
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app
+
+
+app = create_celery_app(get_settings())
+
+
+def enqueue_job(job_id: str) -> None:
+    """Hand a stored job to the broker (the API calls this after storing it)."""
+    # The job store, not the result backend, holds the outcome: nobody waits on the
+    # AsyncResult, so the sender does not subscribe to it (a dead backend would stall it).
+    app.send_task(
+        RUN_JOB_TASK,
+        args=[job_id],
+        queue=QUEUE,
+        task_id=f"{job_id}-{uuid.uuid4().hex[:8]}",
+        ignore_result=True,
+    )
+
+
+def ping_broker(url: str, timeout_s: float = 2.0) -> None:
+    """Raise when the broker at ``url`` does not answer within ``timeout_s``."""
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        import redis
+
+        client = redis.Redis.from_url(
+            url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+        )
+        try:
+            client.ping()
+        finally:
+            client.close()
+        return
+    from kombu import Connection
+
+    with Connection(url, connect_timeout=timeout_s) as conn:
+        conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=timeout_s)
