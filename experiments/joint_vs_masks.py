@@ -40,8 +40,9 @@ Arms (same seed, steps, learning rate, augmentation, and the same masked patches
                       arms) plus ``label_batch`` label-only patches, which go through
                       the network in a pass of their own that leaves BatchNorm's running
                       statistics to the masked patches (``--label-bn masked-running``,
-                      see ``models.seg_training.FitConfig``). In one shared pass their
-                      batch statistics alone, with L_cls off, cost about 0.2 Dice.
+                      the product's way; the others are ``experiments.arms``). In one
+                      shared pass their batch statistics alone, with L_cls off, cost
+                      about 0.2 Dice.
 ``joint-max``         the same as ``joint`` with the classifier of the authors' released
                       code: the class logits are the per-class maxima of the segmentation
                       map (``models.joint``, ``classifier="max"``) instead of the paper's
@@ -49,7 +50,7 @@ Arms (same seed, steps, learning rate, augmentation, and the same masked patches
 ``joint-presence``    the max classifier's network, with L_cls on class presence in the
                       segmentation map as BACH labels mean it (the label's class
                       present, more severe ones absent, milder ones unknown;
-                      ``models.seg_training.presence_loss``) instead of softmax
+                      ``experiments.arms.presence_loss``) instead of softmax
                       cross-entropy over the classes.
 ``joint-masks-only``  the same network on the same masked patches alone (L_seg only).
 ``unet-masks-only``   smp U-Net (ResNet-18 encoder, depth 4) on the same masked patches.
@@ -62,7 +63,6 @@ classification head. Results go to ``OUT/results.json`` and a table on stdout.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -71,21 +71,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import click
 import cv2
 import numpy as np
 import torch
 
+from experiments.arms import LABEL_BN, LabelBN, fit_hooks
 from models.architectures import build_module
 from models.card import ClassSpec, ModelCard
-from models.seg_training import (
-    FitConfig,
-    PatchDataset,
-    evaluate,
-    fit,
-    limit_masks,
-    masked_area_share,
-    masked_pixel_counts,
-)
+from models.patches import PatchDataset, limit_masks, masked_area_share, masked_pixel_counts
+from models.seg_training import FitConfig, evaluate, fit
 from models.stain import PSEUDO_CLASSES, PSEUDO_COLORS, stain_pseudo_labels
 from workers.demo.sample_data import fetch_cmu_small_region
 from workers.training.data import SlideSource, load_slide_patches
@@ -123,8 +118,8 @@ class ExperimentConfig:
     batch_size: int = 8  # patches with masks per batch, in every arm
     label_batch: int = 8  # label-only patches added to each batch of the joint arm
     cls_weight: float = 1.0
-    #: joint arm: how the label-only patches meet BatchNorm (``FitConfig.label_bn``)
-    label_bn: Literal["shared", "separate", "masked-running", "frozen"] = "masked-running"
+    #: how the label-only patches meet BatchNorm (``experiments.arms``)
+    label_bn: LabelBN = "masked-running"
     lr: float = 1e-3
     lr_schedule: Literal["constant", "cosine"] = "constant"
     #: also evaluate on the held-out patches every this many steps (0: only at the end),
@@ -237,8 +232,6 @@ def run_arm(arm: str, seed: int, train: PatchDataset, test: PatchDataset,
                            lr=config.lr, lr_schedule=config.lr_schedule, seed=seed,
                            device=config.device,
                            masked_per_batch=config.batch_size, cls_weight=config.cls_weight,
-                           label_bn=config.label_bn,
-                           cls_loss="presence" if arm == "joint-presence" else "softmax",
                            eval_every=config.curve_every or max(config.steps, 1),
                            checkpoint_every=max(config.steps, 1))
     torch.manual_seed(seed)
@@ -249,13 +242,14 @@ def run_arm(arm: str, seed: int, train: PatchDataset, test: PatchDataset,
         curve.append({"step": step, "mean_dice": row["val_seg_mean_dice"]})
 
     started = time.perf_counter()
+    hooks = fit_hooks(config.label_bn, "presence" if arm == "joint-presence" else "softmax")
     result = fit(module, card, data, fit_config, val=test if config.curve_every else None,
-                 on_eval=on_eval)
+                 on_eval=on_eval, **hooks)
     seconds = time.perf_counter() - started
     metrics = evaluate(module, card, test, device=config.device)
     losses = [h["loss"] for h in result.history]
     k = max(1, len(losses) // 10)
-    row = {
+    row: dict[str, Any] = {
         "arm": arm, "seed": seed, "train": data.summary(), "seconds": round(seconds, 1),
         "masked_class_shares": masked_class_shares(data, [c.name for c in config.classes]),
         # the training patches overlap (32 px stride at 128 px for region labels): one
@@ -333,67 +327,59 @@ def format_table(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("experiment-output"))
-    parser.add_argument("--cache-dir", type=Path, default=None)
-    parser.add_argument("--labels", choices=["pixel", "region"], default="pixel",
-                        help="pixel: stain classes at 0.5 µm/px; region: cellular regions")
-    parser.add_argument("--mpp", type=float, default=None,
-                        help="default: 0.5 (pixel), 1.0 (region)")
-    parser.add_argument("--train-stride", type=int, default=None,
-                        help="default: 64 (pixel), 32 (region)")
-    parser.add_argument("--test-stride", type=int, default=None,
-                        help="default: 128 (pixel), 64 (region)")
-    parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--batch-size", type=int, default=8,
-                        help="patches with masks per batch (every arm)")
-    parser.add_argument("--label-batch", type=int, default=8,
-                        help="label-only patches added per batch (joint arm)")
-    parser.add_argument("--cls-weight", type=float, default=1.0)
-    parser.add_argument("--label-bn", choices=["masked-running", "shared", "separate", "frozen"],
-                        default="masked-running",
-                        help="joint arm: label-only patches in a pass of their own that "
-                        "leaves the running BatchNorm statistics to the masked patches "
-                        "(masked-running), in the masked patches' pass (shared), in a pass "
-                        "of their own that updates them too (separate), or with BatchNorm "
-                        "in eval mode (frozen)")
-    parser.add_argument("--nuclei-min-fraction", type=float, default=None,
-                        help="patch label = the third class (nuclei / cellular) when it "
-                        "covers at least this share; default 0.15 (pixel), 0.2 (region)")
-    parser.add_argument("--stroma-min-fraction", type=float, default=0.5,
-                        help="patch label = stroma (when not the third class) when it "
-                        "covers at least this share")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
-                        help="learning rate over the steps")
-    parser.add_argument("--curve-every", type=int, default=0,
-                        help="also report held-out Dice every N steps (a learning curve)")
-    parser.add_argument("--mask-fraction", type=float, default=0.03)
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated")
-    parser.add_argument("--upper-bounds", action="store_true",
-                        help="also train every arm with all training masks")
-    parser.add_argument("--arms", default=",".join(ARMS))
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
+@click.command(help=(__doc__ or "").split("\n")[0])
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              default=Path("experiment-output"), show_default=True)
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--labels", type=click.Choice(["pixel", "region"]), default="pixel",
+              show_default=True, help="pixel: stain classes at 0.5 µm/px; region: cellular "
+              "regions")
+@click.option("--mpp", type=float, default=None, help="default: 0.5 (pixel), 1.0 (region)")
+@click.option("--train-stride", type=int, default=None, help="default: 64 (pixel), 32 (region)")
+@click.option("--test-stride", type=int, default=None, help="default: 128 (pixel), 64 (region)")
+@click.option("--steps", type=int, default=80, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True,
+              help="patches with masks per batch (every arm)")
+@click.option("--label-batch", type=int, default=8, show_default=True,
+              help="label-only patches added per batch (joint arm)")
+@click.option("--cls-weight", type=float, default=1.0, show_default=True)
+@click.option("--label-bn", type=click.Choice(LABEL_BN), default="masked-running",
+              show_default=True,
+              help="joint arm: label-only patches in a pass of their own that leaves the "
+              "running BatchNorm statistics to the masked patches (masked-running, the "
+              "product's), in the masked patches' pass (shared), in a pass of their own "
+              "that updates them too (separate), or with BatchNorm in eval mode (frozen)")
+@click.option("--nuclei-min-fraction", type=float, default=None,
+              help="patch label = the third class (nuclei / cellular) when it covers at "
+              "least this share; default 0.15 (pixel), 0.2 (region)")
+@click.option("--stroma-min-fraction", type=float, default=0.5, show_default=True,
+              help="patch label = stroma (when not the third class) when it covers at "
+              "least this share")
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--schedule", "lr_schedule", type=click.Choice(["constant", "cosine"]),
+              default="constant", show_default=True, help="learning rate over the steps")
+@click.option("--curve-every", type=int, default=0, show_default=True,
+              help="also report held-out Dice every N steps (a learning curve)")
+@click.option("--mask-fraction", type=float, default=0.03, show_default=True)
+@click.option("--seeds", default="0,1,2", show_default=True, help="comma-separated")
+@click.option("--upper-bounds", is_flag=True,
+              help="also train every arm with all training masks")
+@click.option("--arms", "arm_list", default=",".join(ARMS), show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+def main(labels: str, mpp: float | None, train_stride: int | None, test_stride: int | None,
+         nuclei_min_fraction: float | None, seeds: str, upper_bounds: bool, arm_list: str,
+         **options: Any) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    arms = tuple(a for a in args.arms.split(",") if a)
-    if args.upper_bounds:
+    arms = tuple(a for a in arm_list.split(",") if a)
+    if upper_bounds:
         arms += UPPER_BOUNDS
-    region = args.labels == "region"
+    region = labels == "region"
     config = ExperimentConfig(
-        out_dir=args.out, cache_dir=args.cache_dir, labels=args.labels,
-        mpp=args.mpp or (1.0 if region else 0.5),
-        train_stride=args.train_stride or (32 if region else 64),
-        test_stride=args.test_stride or (64 if region else 128),
-        steps=args.steps, batch_size=args.batch_size,
-        label_batch=args.label_batch, cls_weight=args.cls_weight,
-        label_bn=args.label_bn,
-        nuclei_min_fraction=args.nuclei_min_fraction or (0.2 if region else 0.15),
-        stroma_min_fraction=args.stroma_min_fraction,
-        lr=args.lr, lr_schedule=args.schedule, curve_every=args.curve_every,
-        mask_fraction=args.mask_fraction,
-        seeds=tuple(int(s) for s in args.seeds.split(",")), arms=arms, device=args.device)
+        labels=labels, mpp=mpp or (1.0 if region else 0.5),
+        train_stride=train_stride or (32 if region else 64),
+        test_stride=test_stride or (64 if region else 128),
+        nuclei_min_fraction=nuclei_min_fraction or (0.2 if region else 0.15),
+        seeds=tuple(int(s) for s in seeds.split(",")), arms=arms, **options)
     results = run_experiment(config)
     sys.stdout.write(
         f"train: {results['train_patches']} labels {results['train_label_counts']}\n"

@@ -47,15 +47,16 @@ Results go to ``OUT/results.json`` and a table on stdout.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 import torch
 import zarr
@@ -136,12 +137,12 @@ def write_parts(rgb: np.ndarray, folder: Path, mpp: float) -> dict[str, Path]:
 
 def read_root_rgb(result: Path, group: str = "") -> np.ndarray:
     root = zarr.open_group(str(result), mode="r")
-    node = root[group] if group else root
+    node: Any = root[group] if group else root
     return np.moveaxis(np.asarray(node["0"]), 0, -1)
 
 
 def transform_metrics(out: np.ndarray, a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    computed = out.any(axis=-1)
+    computed = np.asarray(out.any(axis=-1), dtype=bool)
     tissue = tissue_pixels(a) & computed
     return {
         "wasserstein_to_B": histogram_wasserstein(out, b, mask_a=tissue, mask_b=tissue),
@@ -161,7 +162,7 @@ def run_experiment(config: Config) -> dict[str, Any]:
     parts = write_parts(rgb, config.out_dir / "slides", source_mpp)
 
     # -- train (the CLI's code path) ----------------------------------------------------
-    collect = {"patch_px": config.patch, "target_mpp": config.mpp, "max_patches": 2000,
+    collect: dict[str, Any] = {"patch_px": config.patch, "target_mpp": config.mpp, "max_patches": 2000,
                "val_fraction": 0.1, "min_tissue_fraction": config.min_tissue,
                "seed": config.seed}
     domain_a = collect_domain("A", [parts["A-train"]], **collect)
@@ -197,7 +198,7 @@ def run_experiment(config: Config) -> dict[str, Any]:
     # -- whole-slide transforms of centre A's slide; metrics on its held-out rows ----------
     # (Macenko fits the source stains per slide, so it sees the whole slide like any slide
     # it normalises; the cyclegan never trained on the held-out rows)
-    common = {"slide_path": slide_path, "device": config.device, "overwrite": True,
+    common: dict[str, Any] = {"slide_path": slide_path, "device": config.device, "overwrite": True,
               "batch_size": 8, "chunk_px": 256}
     results_dir = config.out_dir / "results"
     t1 = time.perf_counter()
@@ -282,32 +283,36 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("stain-output"))
-    parser.add_argument("--cache-dir", type=Path)
-    for name, default in (("mpp", 2.0), ("lr", 5e-4), ("identity-decay-epochs", 20.0),
-                          ("min-tissue", 0.05), ("ema-decay", 0.995), ("tile-factor", 4.0)):
-        parser.add_argument(f"--{name}", type=float, default=default)
-    for name, default in (("patch", 32), ("steps", 3000), ("batch-size", 8), ("depth", 2),
-                          ("base-filters", 16), ("disc-filters", 16), ("seed", 0),
-                          ("threads", 1)):
-        parser.add_argument(f"--{name}", type=int, default=default)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--resume", action="store_true",
-                        help="Continue the checkpoint in OUT/model up to --steps (re-evaluate).")
-    args = parser.parse_args(argv)
+def _options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--out``, ``--cache-dir``, one option per number of :class:`Config` (its default),
+    ``--device``, ``--resume``."""
+    options = [
+        click.option("--out", "out_dir", type=click.Path(path_type=Path),
+                     default=Path("stain-output"), show_default=True),
+        click.option("--cache-dir", type=click.Path(path_type=Path), default=None),
+        *(click.option(f"--{name}", type=float, default=default, show_default=True)
+          for name, default in (("mpp", 2.0), ("lr", 5e-4), ("identity-decay-epochs", 20.0),
+                                ("min-tissue", 0.05), ("ema-decay", 0.995),
+                                ("tile-factor", 4.0))),
+        *(click.option(f"--{name}", type=int, default=default, show_default=True)
+          for name, default in (("patch", 32), ("steps", 3000), ("batch-size", 8), ("depth", 2),
+                                ("base-filters", 16), ("disc-filters", 16), ("seed", 0),
+                                ("threads", 1))),
+        click.option("--device", default="cpu", show_default=True),
+        click.option("--resume", is_flag=True,
+                     help="Continue the checkpoint in OUT/model up to --steps (re-evaluate)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@click.command(help=(__doc__ or "").split("\n")[0])
+@_options
+def main(**options: Any) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    config = Config(out_dir=args.out, cache_dir=args.cache_dir, mpp=args.mpp, patch=args.patch,
-                    steps=args.steps, batch_size=args.batch_size, depth=args.depth,
-                    base_filters=args.base_filters, disc_filters=args.disc_filters,
-                    lr=args.lr, identity_decay_epochs=args.identity_decay_epochs,
-                    min_tissue=args.min_tissue, ema_decay=args.ema_decay,
-                    tile_factor=args.tile_factor,
-                    seed=args.seed, threads=args.threads, device=args.device,
-                    resume=args.resume)
-    results = run_experiment(config)
-    print(format_table(results))  # noqa: T201 - the experiment's report
+    results = run_experiment(Config(**options))
+    click.echo(format_table(results))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,11 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch.library
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +37,7 @@ _MISSING_OP = "operator torchvision::"
 
 #: True once the schemas had to be defined in this process.
 SHIM_ACTIVE = False
-_library = None  # keeps the torch.library.Library alive for the process
+_library: torch.library.Library | None = None  # keeps the Library alive for the process
 
 
 def _purge_torchvision() -> None:
@@ -53,9 +58,10 @@ def ensure_torchvision() -> None:
     _purge_torchvision()
     import torch
 
-    _library = torch.library.Library("torchvision", "DEF")  # noqa: PLW0603
+    # torch.library's Library is not annotated (hence the two no-untyped-call ignores)
+    _library = torch.library.Library("torchvision", "DEF")  # type: ignore[no-untyped-call]
     for schema in _SCHEMAS:
-        _library.define(schema)
+        _library.define(schema)  # type: ignore[no-untyped-call]
     SHIM_ACTIVE = True
     log.info(
         "torchvision's compiled ops do not load beside this torch (%s); defined the "
@@ -64,7 +70,7 @@ def ensure_torchvision() -> None:
     importlib.import_module("torchvision")
 
 
-def import_smp():  # type: ignore[no-untyped-def]
+def import_smp() -> ModuleType:
     """``segmentation_models_pytorch``, importable beside CPU torch."""
     ensure_torchvision()
     return importlib.import_module("segmentation_models_pytorch")

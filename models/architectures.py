@@ -41,12 +41,13 @@ def build_unet(card: ModelCard) -> nn.Module:
     if "decoder_channels" in params:
         params["decoder_channels"] = tuple(params["decoder_channels"])
     try:
-        return smp.Unet(
+        unet: nn.Module = smp.Unet(
             **params,
             encoder_weights=None,  # never downloaded: weights come from the card's file
             in_channels=3,
             classes=len(card.classes),
         )
+        return unet
     except (KeyError, ValueError, TypeError) as err:
         raise ModelCardInvalid(f"cannot build unet from card {card.name!r}: {err}") from err
 

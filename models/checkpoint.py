@@ -53,7 +53,9 @@ def load_checkpoint(folder: Path, module: nn.Module) -> dict[str, Any]:
     """Load the weights into ``module`` and return the resume state."""
     folder = Path(folder)
     try:
-        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        state: dict[str, Any] = torch.load(
+            folder / STATE_FILE, map_location="cpu", weights_only=True
+        )
     except Exception as err:  # pickle/zip errors of assorted types
         raise CheckpointUnreadable(f"cannot read {str(folder / STATE_FILE)!r}: {err}") from err
     try:

@@ -61,7 +61,8 @@ class ResidualBlock(nn.Module):
         self.act = nn.LeakyReLU(0.2, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(x + self.body(x))
+        out: torch.Tensor = self.act(x + self.body(x))
+        return out
 
 
 class Generator(nn.Module):
@@ -90,7 +91,7 @@ class Generator(nn.Module):
 
     @property
     def multiple(self) -> int:
-        return 2**self.depth
+        return 1 << self.depth
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -118,7 +119,8 @@ class PatchDiscriminator(nn.Module):
         self.model = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        scores: torch.Tensor = self.model(x)
+        return scores
 
 
 def receptive_field(module: PatchDiscriminator) -> int:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import nn
 
@@ -36,7 +37,8 @@ from models.errors import CheckpointUnreadable
 log = logging.getLogger(__name__)
 
 #: (rng, n) -> n uint8 RGB patches of the configured size.
-PatchSampler = Callable[[np.random.Generator, int], np.ndarray]
+Patches = npt.NDArray[np.uint8]  # (n, h, w, 3) RGB
+PatchSampler = Callable[[np.random.Generator, int], Patches]
 DIRECTIONS = ("a2b", "b2a")
 
 
@@ -92,7 +94,8 @@ class ImagePool:
     """Zhu et al.'s history of generated images: half the time an older fake is shown."""
 
     def __init__(self, size: int) -> None:
-        self.size, self.images = size, []  # type: ignore[var-annotated]
+        self.size = size
+        self.images: list[torch.Tensor] = []
 
     def query(self, images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         if self.size == 0:
@@ -112,19 +115,20 @@ class ImagePool:
         return torch.cat(out)
 
 
-def to_unit_tanh(batch: np.ndarray, device: torch.device) -> torch.Tensor:
+def to_unit_tanh(batch: Patches, device: torch.device) -> torch.Tensor:
     """(n, h, w, 3) uint8 -> (n, 3, h, w) float in [-1, 1]."""
     x = torch.from_numpy(np.ascontiguousarray(batch)).to(device).permute(0, 3, 1, 2).float()
     return x / 127.5 - 1.0
 
 
-def from_unit_tanh(x: torch.Tensor) -> np.ndarray:
+def from_unit_tanh(x: torch.Tensor) -> Patches:
     """(n, 3, h, w) in [-1, 1] -> (n, h, w, 3) uint8."""
     y = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return y.permute(0, 2, 3, 1).cpu().numpy()
+    out: Patches = y.permute(0, 2, 3, 1).cpu().numpy()
+    return out
 
 
-def augment(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def augment(batch: Patches, rng: np.random.Generator) -> Patches:
     out = np.empty_like(batch)
     for i, patch in enumerate(batch):
         patch = np.rot90(patch, int(rng.integers(4)))
@@ -141,9 +145,9 @@ class CycleGANTrainer:
         self.device = torch.device(config.device)
         torch.manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)
-        g = {"depth": config.depth, "base_filters": config.base_filters,
-             "residual_blocks": config.residual_blocks}
-        self.g_ab, self.g_ba = Generator(**g), Generator(**g)
+        shape = {"depth": config.depth, "base_filters": config.base_filters,
+                 "residual_blocks": config.residual_blocks}
+        self.g_ab, self.g_ba = Generator(**shape), Generator(**shape)
         self.d_a = PatchDiscriminator(config.disc_filters)
         self.d_b = PatchDiscriminator(config.disc_filters)
         for net in (self.g_ab, self.g_ba, self.d_a, self.d_b):
@@ -175,7 +179,7 @@ class CycleGANTrainer:
             for group in opt.param_groups:
                 group["lr"] = c.lr * factor
 
-    def train_step(self, batch_a: np.ndarray, batch_b: np.ndarray) -> dict[str, float]:
+    def train_step(self, batch_a: Patches, batch_b: Patches) -> dict[str, float]:
         """One generator and one discriminator update on uint8 patch batches."""
         c = self.config
         progress = self.step / c.steps_per_epoch
@@ -200,7 +204,7 @@ class CycleGANTrainer:
             idt = self.l1(self.g_ab(real_b), real_b) + self.l1(self.g_ba(real_a), real_a)
             loss_g = loss_g + w_idt * idt
         self.opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
+        torch.autograd.backward(loss_g)
         self.opt_g.step()
         if self.ema:
             with torch.no_grad():
@@ -219,7 +223,7 @@ class CycleGANTrainer:
             loss_d = loss_d + 0.5 * (self.mse(pred_real, torch.ones_like(pred_real))
                                      + self.mse(pred_fake, torch.zeros_like(pred_fake)))
         self.opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
+        torch.autograd.backward(loss_d)
         self.opt_d.step()
         self.step += 1
         return {"loss_g": loss_g.item(), "adv": adv.item(), "cycle": cycle.item(),
@@ -360,8 +364,9 @@ def _init_weights(module: nn.Module) -> None:
 
 @torch.inference_mode()
 def transform_image(
-    generator: nn.Module, rgb: np.ndarray, *, device: str = "cpu", tile_px: int = 0,
-) -> np.ndarray:
+    generator: Generator | StainTransformer, rgb: npt.NDArray[np.uint8], *,
+    device: str = "cpu", tile_px: int = 0,
+) -> npt.NDArray[np.uint8]:
     """Run one generator over an (h, w, 3) uint8 image in one pass (``tile_px=0``) or in
     non-overlapping tiles (for comparison), reflect-padded to its multiple."""
     generator = generator.to(device).eval()
@@ -370,7 +375,9 @@ def transform_image(
     if tile_px <= 0:
         x = to_unit_tanh(rgb[None], torch.device(device))
         y = module(x)  # [0, 1]
-        return (y.clamp(0, 1) * 255).round().to(torch.uint8)[0].permute(1, 2, 0).cpu().numpy()
+        rgb_out = (y.clamp(0, 1) * 255).round().to(torch.uint8)[0].permute(1, 2, 0)
+        image: npt.NDArray[np.uint8] = rgb_out.cpu().numpy()
+        return image
     out = np.empty_like(rgb)
     for y0 in range(0, h, tile_px):
         for x0 in range(0, w, tile_px):

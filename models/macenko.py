@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 #: Background intensity (glass) and the optical-density floor below which a pixel is glass.
 IO = 240.0
@@ -23,22 +24,24 @@ ALPHA = 1.0  # percentile of the extreme angles
 
 #: The H&E reference of Macenko's reference implementation (columns: H, E) and its
 #: 99th-percentile concentrations: the built-in target when no reference is chosen.
-DEFAULT_STAINS = np.array([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]])
-DEFAULT_MAX_CONC = np.array([1.9705, 1.0308])
+DEFAULT_STAINS: npt.NDArray[np.float64] = np.array(
+    [[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]]
+)
+DEFAULT_MAX_CONC: npt.NDArray[np.float64] = np.array([1.9705, 1.0308])
 
 
 class StainEstimationError(ValueError):
     """Too little tissue, or degenerate colours, to estimate two stain vectors."""
 
 
-def optical_density(rgb: np.ndarray, io: float = IO) -> np.ndarray:
+def optical_density(rgb: npt.NDArray[np.uint8], io: float = IO) -> npt.NDArray[np.float64]:
     return -np.log((rgb.astype(np.float64) + 1.0) / io)
 
 
 def estimate_stains(
-    rgb: np.ndarray, *, beta: float = BETA, alpha: float = ALPHA, io: float = IO,
+    rgb: npt.NDArray[np.uint8], *, beta: float = BETA, alpha: float = ALPHA, io: float = IO,
     max_pixels: int = 2_000_000, seed: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """(3, 2) unit stain vectors (H, E) and the 99th-percentile concentrations of an
     RGB uint8 image (any shape ending in 3)."""
     od = optical_density(rgb.reshape(-1, 3), io)
@@ -71,7 +74,9 @@ def estimate_stains(
     return stains, max_conc
 
 
-def concentrations(od: np.ndarray, stains: np.ndarray) -> np.ndarray:
+def concentrations(
+    od: npt.NDArray[np.float64], stains: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
     """(n, 2) least-squares stain concentrations of (n, 3) optical densities."""
     return od @ np.linalg.pinv(stains).T
 
@@ -80,18 +85,18 @@ def concentrations(od: np.ndarray, stains: np.ndarray) -> np.ndarray:
 class StainReference:
     """A target stain: unit vectors (3, 2; H, E) and 99th-percentile concentrations."""
 
-    stains: np.ndarray
-    max_conc: np.ndarray
+    stains: npt.NDArray[np.float64]
+    max_conc: npt.NDArray[np.float64]
 
     @classmethod
     def default(cls) -> StainReference:
         return cls(DEFAULT_STAINS / np.linalg.norm(DEFAULT_STAINS, axis=0), DEFAULT_MAX_CONC.copy())
 
     @classmethod
-    def from_image(cls, rgb: np.ndarray) -> StainReference:
+    def from_image(cls, rgb: npt.NDArray[np.uint8]) -> StainReference:
         return cls(*estimate_stains(rgb))
 
-    def to_dict(self) -> dict[str, list]:
+    def to_dict(self) -> dict[str, list[list[float]] | list[float]]:
         return {"stains_rgb_by_he": np.round(self.stains, 5).tolist(),
                 "max_concentrations": np.round(self.max_conc, 5).tolist()}
 
@@ -104,12 +109,12 @@ class MacenkoNormalizer:
         self.io = io
         self.source: StainReference | None = None
 
-    def fit(self, source_rgb: np.ndarray) -> MacenkoNormalizer:
+    def fit(self, source_rgb: npt.NDArray[np.uint8]) -> MacenkoNormalizer:
         """Estimate the source's stains (e.g. from tiles across one slide's tissue)."""
         self.source = StainReference(*estimate_stains(source_rgb, io=self.io))
         return self
 
-    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+    def __call__(self, rgb: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
         source = self.source
         if source is None:
             source = StainReference(*estimate_stains(rgb, io=self.io))
@@ -121,7 +126,11 @@ class MacenkoNormalizer:
         return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape(shape)
 
 
-def restain(rgb: np.ndarray, rgb_from_stains: np.ndarray, stains_from_rgb: np.ndarray) -> np.ndarray:
+def restain(
+    rgb: npt.NDArray[np.uint8],
+    rgb_from_stains: npt.NDArray[np.float64],
+    stains_from_rgb: npt.NDArray[np.float64],
+) -> npt.NDArray[np.uint8]:
     """Re-compose an image with other stain vectors (colour deconvolution, Ruifrok &
     Johnston): concentrations = OD @ ``stains_from_rgb``; OD' = concentrations @
     ``rgb_from_stains``. OD is -log10(I / 255) with I clipped to [1, 255]."""

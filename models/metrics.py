@@ -9,16 +9,38 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
+import numpy.typing as npt
 
 IGNORE = 255
 
 #: The classes of the BACH challenge (ICIAR 2018), in the order of the BACH score.
 BACH_CLASSES = ("normal", "benign", "in situ", "invasive")
 
+#: Integer labels of any width (uint8 masks, int64 patch labels with -1 unlabelled).
+Labels = npt.NDArray[np.integer[Any]]
 
-def confusion_matrix(pred: np.ndarray, target: np.ndarray, n_classes: int) -> np.ndarray:
+
+class SegmentationMetrics(TypedDict):
+    dice: dict[str, float]
+    iou: dict[str, float]
+    mean_dice: float
+    mean_iou: float
+    pixel_accuracy: float
+    bach_score: NotRequired[float]
+
+
+class ClassificationMetrics(TypedDict):
+    accuracy: float
+    f1: dict[str, float]
+    macro_f1: float
+    n: int
+    bach_score: NotRequired[float]
+
+
+def confusion_matrix(pred: Labels, target: Labels, n_classes: int) -> npt.NDArray[np.int64]:
     """(n_classes, n_classes) counts, rows = target, columns = prediction."""
     pred, target = np.asarray(pred).ravel(), np.asarray(target).ravel()
     keep = target != IGNORE
@@ -34,12 +56,12 @@ def _ratio(num: float, den: float) -> float:
     return float(num / den) if den else math.nan
 
 
-def dice_from_confusion(cm: np.ndarray) -> list[float]:
+def dice_from_confusion(cm: npt.NDArray[np.int64]) -> list[float]:
     tp = np.diag(cm)
     return [_ratio(2 * tp[c], cm[c].sum() + cm[:, c].sum()) for c in range(len(cm))]
 
 
-def iou_from_confusion(cm: np.ndarray) -> list[float]:
+def iou_from_confusion(cm: npt.NDArray[np.int64]) -> list[float]:
     tp = np.diag(cm)
     return [_ratio(tp[c], cm[c].sum() + cm[:, c].sum() - tp[c]) for c in range(len(cm))]
 
@@ -49,12 +71,14 @@ def nanmean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
-def segmentation_metrics(pred: np.ndarray, target: np.ndarray, classes: Sequence[str]) -> dict:
+def segmentation_metrics(
+    pred: Labels, target: Labels, classes: Sequence[str]
+) -> SegmentationMetrics:
     """Per-class and mean Dice and IoU (pixel-level F1 equals Dice), pixel accuracy."""
     cm = confusion_matrix(pred, target, len(classes))
     dice, iou = dice_from_confusion(cm), iou_from_confusion(cm)
     total = cm.sum()
-    out = {
+    out: SegmentationMetrics = {
         "dice": dict(zip(classes, dice)),
         "iou": dict(zip(classes, iou)),
         "mean_dice": nanmean(dice),
@@ -66,14 +90,16 @@ def segmentation_metrics(pred: np.ndarray, target: np.ndarray, classes: Sequence
     return out
 
 
-def classification_metrics(pred: np.ndarray, target: np.ndarray, classes: Sequence[str]) -> dict:
+def classification_metrics(
+    pred: Labels, target: Labels, classes: Sequence[str]
+) -> ClassificationMetrics:
     """Accuracy, per-class and macro F1 of patch labels (targets < 0 are unlabelled)."""
     pred, target = np.asarray(pred).ravel(), np.asarray(target).ravel()
     keep = target >= 0
     pred, target = pred[keep], target[keep]
     cm = confusion_matrix(pred, target, len(classes))
     f1 = dice_from_confusion(cm)  # F1 = 2TP / (2TP + FP + FN), the same formula as Dice
-    out = {
+    out: ClassificationMetrics = {
         "accuracy": _ratio(np.trace(cm), cm.sum()),
         "f1": dict(zip(classes, f1)),
         "macro_f1": nanmean(f1),
@@ -90,7 +116,7 @@ def is_bach(classes: Sequence[str]) -> bool:
     return tuple(norm) == BACH_CLASSES
 
 
-def bach_score(pred: np.ndarray, target: np.ndarray) -> float:
+def bach_score(pred: Labels, target: Labels) -> float:
     """The BACH part-B score (Aresta et al., 2019) for labels 0 normal .. 3 invasive::
 
         s = 1 - sum |pred - gt| / sum max(|gt - 0|, |gt - 3|) * [pred_bin or gt_bin]

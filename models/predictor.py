@@ -19,6 +19,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import nn
 
@@ -60,7 +61,7 @@ def fuse_conv_bn(module: nn.Module) -> nn.Module:
         return module
 
 
-def _to_numpy(y: torch.Tensor) -> np.ndarray:
+def _to_numpy(y: torch.Tensor) -> npt.NDArray[np.float32]:
     """A C-contiguous NCHW host array, whatever the tensor's memory format."""
     return y.contiguous().cpu().numpy()
 
@@ -82,7 +83,11 @@ class Predictor:
         # batch maps onto it without a transpose
         self.channels_last = on_cuda or any(isinstance(m, nn.Conv2d) for m in module.modules())
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        self.module = module.to(self.device, memory_format=memory_format)
+        self.module: Callable[[torch.Tensor], torch.Tensor | dict[str, torch.Tensor]]
+        # torch's stub of Module.to omits memory_format, which Module.to accepts
+        self.module = module.to(  # type: ignore[call-overload]
+            self.device, memory_format=memory_format
+        )
         self.amp = on_cuda if amp is None else amp
         self.amp_dtype = (
             torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
@@ -95,7 +100,7 @@ class Predictor:
         self._mean, self._std = mean.to(self.device), std.to(self.device)
         self._cpu_offset, self._cpu_scale = mean.numpy().ravel(), (1.0 / std).numpy().ravel()
 
-    def _normalise_cpu(self, batch: np.ndarray) -> torch.Tensor:
+    def _normalise_cpu(self, batch: npt.NDArray[np.uint8]) -> torch.Tensor:
         """uint8 NHWC -> normalised float32 NCHW, in channels-last memory (a contiguous
         cast of the batch as it is) or contiguous (numpy's transpose+cast, ~4x faster
         than torch's)."""
@@ -116,7 +121,7 @@ class Predictor:
         return torch.from_numpy(x).permute(0, 3, 1, 2)
 
     @torch.inference_mode()
-    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, batch: npt.NDArray[np.uint8]) -> dict[str, npt.NDArray[np.float32]]:
         if batch.ndim != 4 or batch.shape[-1] != 3 or batch.dtype != np.uint8:
             raise ValueError(f"expected an (n, h, w, 3) uint8 batch, got {batch.shape} {batch.dtype}")
         if self.device.type == "cuda":
@@ -160,7 +165,7 @@ class Predictor:
         return [OutputSpec(name=VARIANCE, channels=root.channels,
                            max_value=root.max_value**2 / 4)]
 
-    def _forward_tta(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+    def _forward_tta(self, x: torch.Tensor) -> dict[str, npt.NDArray[np.float32]]:
         """Test-time augmentation: the mean of every output over the flips and 90°
         rotations of each tile (8 passes; 4 flips only for non-square tiles), each pass
         mapped back onto the tile, and the per-pixel, per-class variance of the root
@@ -227,8 +232,10 @@ class Predictor:
 CPU_BATCH_SIZE = 8
 
 
-def auto_batch_size(run: Callable[[np.ndarray], object], device: torch.device, tile_px: int,
-                    *, headroom: float = 0.6, cap: int = 256) -> int:
+def auto_batch_size(
+    run: Callable[[npt.NDArray[np.uint8]], object], device: torch.device, tile_px: int,
+    *, headroom: float = 0.6, cap: int = 256,
+) -> int:
     """Tiles per call: on CUDA, as many as ``headroom`` of the free GPU memory holds,
     measured by running ``run`` (the predictor, or a stain chain around it) on two blank
     tiles and reading the allocator's peak; on CPU, :data:`CPU_BATCH_SIZE`."""

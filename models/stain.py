@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 
 #: Rows: optical-density RGB vectors of haematoxylin, eosin and DAB (Ruifrok & Johnston).
 RGB_FROM_HED = np.array(
@@ -22,19 +23,20 @@ PSEUDO_CLASSES = ("background", "stroma", "nuclei")
 PSEUDO_COLORS = ("000000", "F2A0C8", "3030C0")
 
 
-def optical_density(rgb: np.ndarray) -> np.ndarray:
+def optical_density(rgb: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
     """Per-channel optical density, -log10(I / 255), with I clipped to [1, 255]."""
-    return -np.log10(np.clip(rgb.astype(np.float32), 1, 255) / 255.0)
+    od: npt.NDArray[np.float32] = -np.log10(np.clip(rgb.astype(np.float32), 1, 255) / 255.0)
+    return od
 
 
-def rgb_to_hed(rgb: np.ndarray) -> np.ndarray:
+def rgb_to_hed(rgb: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
     """(..., 3) RGB uint8 -> (..., 3) stain concentrations (H, E, DAB)."""
     return (optical_density(rgb) @ HED_FROM_RGB).astype(np.float32)
 
 
 def stain_pseudo_labels(
-    rgb: np.ndarray, *, min_od: float = 0.12, nuclei_threshold: float | None = None
-) -> tuple[np.ndarray, float]:
+    rgb: npt.NDArray[np.uint8], *, min_od: float = 0.12, nuclei_threshold: float | None = None
+) -> tuple[npt.NDArray[np.uint8], float]:
     """0 background / 1 stroma / 2 nuclei for an RGB image, and the H threshold used.
 
     Background is total optical density below ``min_od``; within tissue, nuclei are
@@ -56,6 +58,6 @@ def stain_pseudo_labels(
     labels = np.zeros(rgb.shape[:2], dtype=np.uint8)
     labels[tissue] = 1
     nuclei = tissue & (h > nuclei_threshold)
-    nuclei = cv2.morphologyEx(nuclei.astype(np.uint8), cv2.MORPH_OPEN, np.ones((2, 2), np.uint8))
-    labels[nuclei.astype(bool)] = 2
+    opened = cv2.morphologyEx(nuclei.astype(np.uint8), cv2.MORPH_OPEN, np.ones((2, 2), np.uint8))
+    labels[np.asarray(opened).astype(bool)] = 2
     return labels, nuclei_threshold

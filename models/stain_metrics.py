@@ -11,18 +11,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import cv2
 import numpy as np
+import numpy.typing as npt
 
 GREY_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float64)
 
+#: An image or grey level: uint8 as read, or float.
+Pixels = npt.NDArray[np.integer[Any] | np.floating[Any]]
+#: A tissue mask: boolean, or integer with non-zero for inside.
+Mask = npt.NDArray[np.bool_ | np.integer[Any]]
 
-def to_grey(rgb: np.ndarray) -> np.ndarray:
+
+def to_grey(rgb: Pixels) -> npt.NDArray[np.float64]:
     return rgb.astype(np.float64) @ GREY_WEIGHTS
 
 
-def ssim(a: np.ndarray, b: np.ndarray, *, data_range: float = 255.0, sigma: float = 1.5,
-         mask: np.ndarray | None = None) -> float:
+def ssim(a: Pixels, b: Pixels, *, data_range: float = 255.0, sigma: float = 1.5,
+         mask: Mask | None = None) -> float:
     """Mean SSIM of two images of one shape (over ``mask`` when given); RGB images are
     compared on their grey level."""
     if a.shape != b.shape:
@@ -32,9 +41,12 @@ def ssim(a: np.ndarray, b: np.ndarray, *, data_range: float = 255.0, sigma: floa
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     radius = int(3.5 * sigma + 0.5)
 
-    def blur(v: np.ndarray) -> np.ndarray:
-        return cv2.GaussianBlur(v, (2 * radius + 1, 2 * radius + 1), sigma,
-                                borderType=cv2.BORDER_REFLECT)
+    def blur(v: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        return np.asarray(
+            cv2.GaussianBlur(v, (2 * radius + 1, 2 * radius + 1), sigma,
+                             borderType=cv2.BORDER_REFLECT),
+            dtype=np.float64,
+        )
 
     mx, my = blur(x), blur(y)
     vx = blur(x * x) - mx * mx
@@ -54,18 +66,21 @@ def ssim(a: np.ndarray, b: np.ndarray, *, data_range: float = 255.0, sigma: floa
     return float(s[crop:-crop, crop:-crop].mean()) if min(s.shape) > 2 * crop else float(s.mean())
 
 
-def channel_histograms(rgb: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+def channel_histograms(
+    rgb: npt.NDArray[np.uint8], mask: Mask | None = None
+) -> npt.NDArray[np.float64]:
     """(3, 256) normalised histograms of an RGB uint8 image (inside ``mask``)."""
     pixels = rgb.reshape(-1, 3) if mask is None else rgb[mask.astype(bool)]
     if len(pixels) == 0:
         raise ValueError("no pixels to histogram (empty mask)")
     hist = np.stack([np.bincount(pixels[:, c], minlength=256)[:256] for c in range(3)])
-    return hist / hist.sum(axis=1, keepdims=True)
+    normalised: npt.NDArray[np.float64] = hist / hist.sum(axis=1, keepdims=True)
+    return normalised
 
 
 def histogram_wasserstein(
-    a: np.ndarray, b: np.ndarray, *, mask_a: np.ndarray | None = None,
-    mask_b: np.ndarray | None = None,
+    a: npt.NDArray[np.uint8], b: npt.NDArray[np.uint8], *, mask_a: Mask | None = None,
+    mask_b: Mask | None = None,
 ) -> float:
     """Mean over RGB of the 1-D Wasserstein-1 distance between channel histograms
     (grey levels): the area between the two cumulative histograms."""
@@ -73,15 +88,18 @@ def histogram_wasserstein(
     return float(np.abs(np.cumsum(ha, axis=1) - np.cumsum(hb, axis=1)).sum(axis=1).mean())
 
 
-def tissue_pixels(rgb: np.ndarray, min_od: float = 0.15) -> np.ndarray:
+def tissue_pixels(rgb: npt.NDArray[np.uint8], min_od: float = 0.15) -> npt.NDArray[np.bool_]:
     """Pixels whose summed optical density exceeds ``min_od`` (not glass)."""
-    od = -np.log10(np.clip(rgb.astype(np.float32), 1, 255) / 255.0).sum(axis=-1)
-    return od > min_od
+    od: npt.NDArray[np.float32] = -np.log10(np.clip(rgb.astype(np.float32), 1, 255) / 255.0)
+    tissue: npt.NDArray[np.bool_] = od.sum(axis=-1) > min_od
+    return tissue
 
 
 def seam_energy_ratio(
-    rgb: np.ndarray, borders_y: np.ndarray, borders_x: np.ndarray,
-    mask: np.ndarray | None = None,
+    rgb: Pixels,
+    borders_y: Sequence[int] | npt.NDArray[np.integer[Any]],
+    borders_x: Sequence[int] | npt.NDArray[np.integer[Any]],
+    mask: Mask | None = None,
 ) -> float:
     """Gradient energy across tile borders over gradient energy elsewhere.
 

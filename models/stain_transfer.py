@@ -17,9 +17,11 @@ written only when asked for.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from models.card import ModelCard, OutputSpec
@@ -34,7 +36,7 @@ STAINED_OUTPUT = OutputSpec(name="stained", channels="rgb")
 class StainStep(Protocol):
     """uint8 (n, h, w, 3) -> uint8 (n, h, w, 3), and what provenance records of it."""
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray: ...
+    def __call__(self, batch: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]: ...
 
     def describe(self) -> dict[str, Any]: ...
 
@@ -42,7 +44,9 @@ class StainStep(Protocol):
 class CycleGANStep:
     """One CycleGAN generator applied to whole tiles (the card's crop is not used)."""
 
-    def __init__(self, card: ModelCard, *, device: str = "auto", weights: Any = None) -> None:
+    def __init__(
+        self, card: ModelCard, *, device: str = "auto", weights: Path | None = None
+    ) -> None:
         if card.architecture != "cyclegan":
             raise ValueError(f"model {card.name!r} is a {card.architecture}, not a cyclegan")
         full = card.model_copy(update={"output_crop_px": 0})
@@ -50,7 +54,7 @@ class CycleGANStep:
         self.card = card
         self.predictor = Predictor(self.loaded, device=device)
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def __call__(self, batch: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
         rgb = self.predictor(batch)[self.card.outputs[0].name]  # (n, 3, h, w) in [0, 1]
         out = np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
         return np.ascontiguousarray(out.transpose(0, 2, 3, 1))
@@ -72,7 +76,7 @@ class MacenkoStep:
         self.normalizer = normalizer
         self.reference_name = reference_name
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def __call__(self, batch: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
         return self.normalizer(batch)
 
     def describe(self) -> dict[str, Any]:
@@ -86,7 +90,9 @@ class MacenkoStep:
         }
 
 
-def crop_to_output(batch: np.ndarray, crop_px: int, stride: int) -> np.ndarray:
+def crop_to_output(
+    batch: npt.NDArray[np.uint8], crop_px: int, stride: int
+) -> npt.NDArray[np.float32]:
     """uint8 (n, h, w, 3) tiles -> float32 (n, 3, h', w') in [0, 1] on a model's output
     grid: ``crop_px`` dropped per side, ``stride`` x ``stride`` blocks averaged."""
     x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float() / 255.0
@@ -105,7 +111,7 @@ class StainedPredictor:
         self.card = predictor.card
         self.device = predictor.device
 
-    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, batch: npt.NDArray[np.uint8]) -> dict[str, npt.NDArray[np.float32]]:
         stained = self.step(batch)
         outputs = self.predictor(stained)
         if self.keep_stained:

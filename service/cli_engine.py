@@ -17,6 +17,7 @@ import click
 from tqdm import tqdm
 
 from models.errors import ModelError
+from workers.engine.params import ENGINE_PARAMS, Param
 from workers.engine.spec import Progress, RunCancelled, RunSpec
 from wsi.errors import SlideError
 
@@ -61,50 +62,64 @@ class ProgressBar:
             self.bar = None
 
 
+def _click_type(param: Param) -> click.ParamType | None:
+    """The click type of a declared parameter: a range type where it has limits, so that
+    ``--batch-size 0`` is a usage error naming the option (the engine checks it too)."""
+    if param.type is Path:
+        return click.Path(path_type=Path, exists=param.must_exist,
+                          dir_okay=not param.must_exist)
+    if param.choices:
+        return click.Choice(param.choices)
+    if param.type in (int, float):
+        low = param.ge if param.ge is not None else param.gt
+        high = param.le if param.le is not None else param.lt
+        min_open, max_open = param.gt is not None, param.lt is not None
+        if param.type is int:
+            return click.IntRange(None if low is None else int(low),
+                                  None if high is None else int(high),
+                                  min_open=min_open, max_open=max_open)
+        return click.FloatRange(low, high, min_open=min_open, max_open=max_open)
+    return None  # str: free text (the device's pattern is checked by RunSpec)
+
+
+def param_option(param: Param) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """One ``slidepipe run`` option from the declaration: ``--tile-px`` (plus the old
+    spellings), type and limits, default, and help with the unit."""
+    unit = f" Unit: {param.unit}." if param.unit else ""
+    if param.type is bool:
+        return click.option(param.flag, *param.aliases, param.name, is_flag=True,
+                            default=param.default, help=param.help)
+    return click.option(param.flag, *param.aliases, param.name, type=_click_type(param),
+                        default=param.default, show_default=param.default is not None,
+                        envvar=param.envvar, show_envvar=param.envvar is not None,
+                        help=param.help + unit)
+
+
 def run_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """The engine's options, shared by ``run`` and ``demo``."""
-    options = [
-        click.option("--weights", type=click.Path(path_type=Path), help="Weights file (safetensors or .pt state dict)."),
-        click.option("--target-mpp", type=float, help="Resolution to run the model at, µm/px (default: the card's)."),
-        click.option("--slide-mpp", type=float, help="Level-0 µm/px, for slides that lack it."),
-        click.option("--tile-size", "tile_px", type=int, help="Tile size in pixels at the target mpp."),
-        click.option("--overlap", "overlap_px", type=int, help="Overlap between tiles in pixels."),
-        click.option("--batch-size", type=int, help="Tiles per model call (default: from free GPU memory on CUDA, 8 on CPU)."),
-        click.option("--compile", is_flag=True, help="torch.compile the model: a slower start for a faster steady state on long runs."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-        click.option("--backend", type=click.Choice(["auto", "openslide", "tiffslide"]), default="auto", show_default=True),
-        click.option("--tissue-method", type=click.Choice(["hsv-otsu", "grey-otsu", "none"]), default="hsv-otsu", show_default=True),
-        click.option("--min-tissue", "min_tissue_fraction", type=float, default=0.1, show_default=True, help="Keep tiles with at least this tissue fraction."),
-        click.option("--window", type=click.Choice(["tent", "gaussian", "constant"]), default="tent", show_default=True, help="Blending weight window."),
-        click.option("--probability-dtype", type=click.Choice(["uint8", "uint16", "float32"]), default="uint8", show_default=True, help="Store class probabilities in steps of 1/255, 1/65535 (twice the bytes) or as float32 (four times)."),
-        click.option("--read-workers", type=int, default=2, show_default=True, help="Tile-decoding threads."),
-        click.option("--model-dir", type=click.Path(path_type=Path), envvar="SLIDEPIPE_MODEL_DIR", help="Folder of named models (<name>/card.json)."),
-        click.option("--overwrite", is_flag=True, help="Replace an existing result."),
-        click.option("--tta", is_flag=True, help="Test-time augmentation: average flips and 90° rotations per tile, and store the per-pixel variance as an extra map."),
-        click.option("--stain", help="Stain step before the model, in the same pass over the tiles: 'macenko' or a cyclegan model name/card."),
-        click.option("--stain-reference", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Macenko's target stain: an image (a tile) or a slide (default: the built-in H&E reference)."),
-        click.option("--stain-output", is_flag=True, help="Also store the stained RGB in the result (image group 'stained')."),
-    ]
-    for option in reversed(options):
-        f = option(f)
+    """Every declared engine parameter as an option of ``slidepipe run``."""
+    for param in reversed(ENGINE_PARAMS):
+        f = param_option(param)(f)
     return f
 
 
 @click.command("run")
 @click.argument("slide", type=click.Path(path_type=Path))
 @click.option("--model", required=True, help="Built-in model name or path to a model card JSON.")
-@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="Result .zarr to write.")
+@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
+              help="Result .zarr to write.")
 @run_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.option("--export-tiff", type=click.Path(dir_okay=False, path_type=Path), help="Also write the result's RGB image (a cyclegan model's output, or --stain-output) as a pyramidal SVS that slide viewers open.")
+@click.option("--export-tiff", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the result's RGB image (a cyclegan model's output, or "
+              "--stain-output) as a pyramidal SVS that slide viewers open.")
 def run_command(slide: Path, model: str, out_path: Path, quiet: bool,
                 export_tiff: Path | None = None, **options: Any) -> None:
     """Run MODEL over SLIDE's tissue and write an OME-Zarr result."""
     from workers.engine.run import run_engine
 
-    spec = RunSpec(slide_path=slide, model=model, out_path=out_path, **options)
     bar = ProgressBar(enabled=not quiet)
     with user_errors():
+        spec = RunSpec(slide_path=slide, model=model, out_path=out_path, **options)
         try:
             result = run_engine(spec, progress=bar)
         finally:
@@ -198,7 +213,7 @@ def models_init(architecture: str, out_dir: Path, classes: tuple[str, ...], name
     click.echo(f"wrote {card_path} ({architecture}, {n:,} params, seed {seed})")
 
 
-COMMANDS = (run_command, heatmap_command, models_group)
+LOCAL_COMMANDS = (run_command, heatmap_command, models_group)
 
 
 def setup_logging(verbose: bool) -> None:
@@ -234,4 +249,4 @@ def demo_command(out_dir: Path, steps: int, device: str) -> None:
     click.echo(f"result:  {out.result}\nheatmap: {out.heatmap}")
 
 
-COMMANDS = (*COMMANDS, demo_command)
+COMMANDS = (*LOCAL_COMMANDS, demo_command)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 from tqdm import tqdm
@@ -78,7 +78,7 @@ def train_group() -> None:
 
 
 def _run(architecture: str, *, batch_size: int | None, lr: float | None, steps: int,
-         weight_decay: float, lr_schedule: str, seed: int, device: str, no_augment: bool,
+         weight_decay: float, lr_schedule: Literal["constant", "cosine"], seed: int, device: str, no_augment: bool,
          eval_every: int, checkpoint_every: int, quiet: bool, classes: tuple[str, ...],
          label_rule: tuple[float, ...] | None, fit_extra: dict[str, Any],
          spec_extra: dict[str, Any], **data: Any) -> None:
@@ -138,13 +138,12 @@ def train_unet(encoder: str | None, dice_weight: float, **options: Any) -> None:
 @click.option("--cls-weight", type=float, default=1.0, show_default=True, help="Weight of L_cls.")
 @click.option("--masked-per-batch", type=int, help="Patches with masks in each batch (default: half).")
 @click.option("--classifier", type=click.Choice(["head", "max"]), default="head", show_default=True, help="Class logits from the segmentation map: the paper's head (pool + conv 8 + conv) or the per-class max of the map, as the authors' code runs it.")
-@click.option("--label-bn", type=click.Choice(["masked-running", "shared", "separate", "frozen"]), default="masked-running", show_default=True, help="How label-only patches meet BatchNorm: a pass of their own that leaves the running statistics to the masked patches, or one pass with them (shared), see README.")
 def train_joint(cls_weight: float, masked_per_batch: int | None, classifier: str,
-                label_bn: str, **options: Any) -> None:
+                **options: Any) -> None:
     """Train the joint classification-segmentation network (Ciga & Martel) on masks and
-    patch class labels."""
-    _run("joint", fit_extra={"cls_weight": cls_weight, "masked_per_batch": masked_per_batch,
-                             "label_bn": label_bn},
+    patch class labels. The label-only patches of a batch go through the network in a
+    pass of their own, which leaves BatchNorm's running statistics to the masked ones."""
+    _run("joint", fit_extra={"cls_weight": cls_weight, "masked_per_batch": masked_per_batch},
          spec_extra={"classifier": classifier}, **options)
 
 

@@ -7,8 +7,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from workers.jobs.actions import MAX_JOBS_PER_BATCH, JobParams
-from workers.jobs.store import JobStatus, as_utc
+from workers.jobs.actions import MAX_JOBS_PER_BATCH
+from workers.jobs.params import JobParams
+from workers.jobs.rows import JobStatus, as_utc
 
 
 class _FromRow(BaseModel):

@@ -23,8 +23,9 @@ import anyio
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
+from workers.jobs.rows import SlideRow, new_id
 from workers.jobs.settings import Settings, slide_rel_path
-from workers.jobs.store import JobStore, SlideRow, new_id
+from workers.jobs.store import JobStore
 from wsi.errors import SlideError
 from wsi.reader import Slide
 

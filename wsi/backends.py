@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from wsi.errors import RegionUnreadable, SlideUnreadable
 from wsi.tiff_integrity import check_tiff_extent, is_tiff
@@ -34,7 +35,9 @@ class SlideBackend(Protocol):
     #: whether one handle may serve reads from several threads at once
     concurrent_reads: bool
 
-    def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray: ...
+    def read(
+        self, x: int, y: int, level: int, width: int, height: int
+    ) -> npt.NDArray[np.uint8]: ...
 
     def drop_cache(self) -> None:
         """Forget decoded tiles that no later read will want (after a whole-level pass)."""
@@ -47,9 +50,11 @@ class SlideBackend(Protocol):
 MAX_PLAUSIBLE_MPP = 50.0
 
 
-def _float_or_none(value: object) -> float | None:
+def _float_or_none(value: str | float | None) -> float | None:
+    if value is None:
+        return None
     try:
-        number = float(value)  # type: ignore[arg-type]
+        number = float(value)
     except (TypeError, ValueError):
         return None
     return number if 0 < number <= MAX_PLAUSIBLE_MPP else None
@@ -72,11 +77,11 @@ class OpenSlideBackend:
             raise SlideUnreadable(f"openslide cannot open {path.name!r}: {err}") from err
         self.level_dimensions = tuple(self._slide.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
-        self.properties = dict(self._slide.properties)
+        self.properties: Mapping[str, str] = dict(self._slide.properties)
         self.mpp = _float_or_none(self.properties.get("openslide.mpp-x"))
         self.vendor = self.properties.get("openslide.vendor", "generic-tiff")
 
-    def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+    def read(self, x: int, y: int, level: int, width: int, height: int) -> npt.NDArray[np.uint8]:
         import openslide
 
         ds = self.level_downsamples[level]
@@ -121,7 +126,9 @@ class TiffSlideBackend:
         except Exception as err:  # tifffile raises many unrelated types on garbage input
             raise SlideUnreadable(f"tiffslide cannot open {path.name!r}: {err}") from err
         self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
-        self.properties = {k: str(v) for k, v in self._slide.properties.items() if v is not None}
+        self.properties: Mapping[str, str] = {
+            k: str(v) for k, v in self._slide.properties.items() if v is not None
+        }
         self.mpp = _float_or_none(self._slide.properties.get("tiffslide.mpp-x"))
         self.vendor = str(self._slide.properties.get("tiffslide.vendor") or "generic-tiff")
         self._tiled = TiledReader(path, self._tiled_levels())
@@ -145,7 +152,7 @@ class TiffSlideBackend:
                 found.append(tiled)
         return found
 
-    def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+    def read(self, x: int, y: int, level: int, width: int, height: int) -> npt.NDArray[np.uint8]:
         try:
             if self._tiled.covers(level):
                 return self._tiled.read(level, x, y, width, height)

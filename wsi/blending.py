@@ -16,9 +16,11 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 
 from wsi.errors import InvalidParameter
 
@@ -30,12 +32,12 @@ WINDOW_FLOOR = 1e-3
 
 #: Called with (chunk_y, chunk_x, blended (C, h, w) float32, weight sum (h, w) float32);
 #: from a merger made with ``normalize=False``, the weighted sums instead of ``blended``.
-ChunkSink = Callable[[int, int, np.ndarray, np.ndarray], None]
+ChunkSink = Callable[[int, int, npt.NDArray[np.float32], npt.NDArray[np.float32]], None]
 
 
 def weight_window(
     height: int, width: int, *, kind: str = "tent", sigma_scale: float = 0.125
-) -> np.ndarray:
+) -> npt.NDArray[np.float32]:
     """A (height, width) float32 window, 1 at the centre, ``WINDOW_FLOOR`` at worst.
 
     ``tent``: product of the per-axis distances to the tile border (linear ramps).
@@ -49,7 +51,7 @@ def weight_window(
     if kind == "constant":
         return np.ones((height, width), dtype=np.float32)
 
-    def axis(n: int) -> np.ndarray:
+    def axis(n: int) -> npt.NDArray[np.float64]:
         i = np.arange(n, dtype=np.float64) + 0.5
         if kind == "tent":
             return np.minimum(i, n - i) / (n / 2)
@@ -61,7 +63,9 @@ def weight_window(
     return np.maximum(window, WINDOW_FLOOR).astype(np.float32)
 
 
-def inverse_weights(weights: np.ndarray, scale: float = 1.0) -> np.ndarray:
+def inverse_weights(
+    weights: npt.NDArray[np.float32], scale: float = 1.0
+) -> npt.NDArray[np.float32]:
     """``scale / weights`` where a tile covered the pixel, 0 where none did.
 
     One reciprocal per pixel, then a broadcast multiply over the channels, is ~5x faster
@@ -91,7 +95,7 @@ class StreamingMerger:
         shape: tuple[int, int],
         chunk_px: int,
         boxes: Sequence[tuple[int, int, int, int]],
-        window: np.ndarray,
+        window: npt.NDArray[np.floating[Any]],
         sink: ChunkSink,
         spill_dir: Path | None = None,
         horizon: int = 0,
@@ -128,8 +132,8 @@ class StreamingMerger:
         self._spilled: set[tuple[int, int]] = set()
         self.chunks_spilled = 0
         self.bytes_spilled = 0  # array bytes parked on disk over the run
-        self._sums: dict[tuple[int, int], np.ndarray] = {}
-        self._weights: dict[tuple[int, int], np.ndarray] = {}
+        self._sums: dict[tuple[int, int], npt.NDArray[np.float32]] = {}
+        self._weights: dict[tuple[int, int], npt.NDArray[np.float32]] = {}
         self.chunks_written = 0
         self.peak_open_chunks = 0
 
@@ -151,7 +155,7 @@ class StreamingMerger:
         c = self.chunk_px
         return min(c, self.height - cy * c), min(c, self.width - cx * c)
 
-    def aggregate(self, tile: np.ndarray, where: tuple[int, int]) -> None:
+    def aggregate(self, tile: npt.NDArray[np.floating[Any]], where: tuple[int, int]) -> None:
         """Add one (C, h, w) tile output whose top-left canvas pixel is ``where``."""
         if tile.ndim != 3 or tile.shape[0] != self.channels:
             raise InvalidParameter(

@@ -7,13 +7,18 @@ of a 100k-pixel slide touches a few chunks, not the whole result.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 import zarr
 
 from wsi.errors import InvalidParameter
-from wsi.ome_zarr import full_scale
+from wsi.ome_zarr import array_at, full_scale, json_attrs
+
+if TYPE_CHECKING:
+    from zarr.types import AnyArray
 
 MAX_HEATMAP_PX = 8192
 LEGEND_PX = 28
@@ -21,22 +26,22 @@ LEGEND_PX = 28
 
 def result_classes(root: zarr.Group) -> list[str]:
     """Class (channel) names of a result's probability image."""
-    return [ch["label"] for ch in root.attrs["omero"]["channels"]]
+    return [ch["label"] for ch in json_attrs(root)["omero"]["channels"]]
 
 
-def _pick_level(root: zarr.Group, max_px: int) -> zarr.Array:
-    n_levels = len(root.attrs["multiscales"][0]["datasets"])
-    chosen = root["0"]
+def _pick_level(root: zarr.Group, max_px: int) -> AnyArray:
+    n_levels = len(json_attrs(root)["multiscales"][0]["datasets"])
+    chosen = array_at(root, "0")
     for level in range(n_levels):
-        array = root[str(level)]
+        array = array_at(root, str(level))
         if max(array.shape[-2:]) >= max_px:
             chosen = array
-    return chosen  # type: ignore[return-value]
+    return chosen
 
 
 def render_heatmap(
     zarr_path: Path, *, class_name: str | None = None, max_px: int = 1024, overlay: bool = True
-) -> np.ndarray:
+) -> npt.NDArray[np.uint8]:
     """An RGB uint8 heatmap of ``class_name`` (default: the last class) with a legend bar.
 
     ``overlay`` blends the viridis-coloured probability over the slide thumbnail stored
@@ -55,7 +60,9 @@ def render_heatmap(
     # the map plus its legend bar fit max_px x max_px, touching it on the longer side
     scale = min(max_px / w, (max_px - LEGEND_PX) / h)
     size = (min(max_px, max(1, round(w * scale))), min(max_px - LEGEND_PX, max(1, round(h * scale))))
-    probability = cv2.resize(probability, size, interpolation=cv2.INTER_AREA)
+    probability = np.asarray(
+        cv2.resize(probability, size, interpolation=cv2.INTER_AREA), dtype=np.uint8
+    )
     colour = cv2.cvtColor(cv2.applyColorMap(probability, cv2.COLORMAP_VIRIDIS), cv2.COLOR_BGR2RGB)
     if overlay and "thumbnail" in root:
         thumb = np.moveaxis(np.asarray(root["thumbnail/0"]), 0, -1)
@@ -65,15 +72,16 @@ def render_heatmap(
     return np.vstack([colour, legend_bar(size[0], name)])
 
 
-def as_uint8(values: np.ndarray) -> np.ndarray:
+def as_uint8(values: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
     """A stored probability map on the 0-255 scale the colour map takes (results store
     uint8, or uint16 / float32 when asked for finer steps)."""
     if values.dtype == np.uint8:
         return values
-    return cv2.convertScaleAbs(values, alpha=255.0 / full_scale(values.dtype))
+    scaled = cv2.convertScaleAbs(values, alpha=255.0 / full_scale(values.dtype))
+    return np.asarray(scaled, dtype=np.uint8)  # convertScaleAbs always yields uint8
 
 
-def legend_bar(width: int, label: str) -> np.ndarray:
+def legend_bar(width: int, label: str) -> npt.NDArray[np.uint8]:
     """A viridis ramp from probability 0 (left) to 1 (right), labelled."""
     ramp = np.linspace(0, 255, width).astype(np.uint8)[None, :].repeat(LEGEND_PX // 2, 0)
     bar = cv2.cvtColor(cv2.applyColorMap(ramp, cv2.COLORMAP_VIRIDIS), cv2.COLOR_BGR2RGB)
@@ -86,7 +94,7 @@ def legend_bar(width: int, label: str) -> np.ndarray:
     return np.vstack([bar, text])
 
 
-def encode_png(rgb: np.ndarray) -> bytes:
+def encode_png(rgb: npt.NDArray[np.uint8]) -> bytes:
     ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
         raise ValueError("PNG encoding failed")

@@ -21,13 +21,21 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import cv2
 import numcodecs
 import numpy as np
+import numpy.typing as npt
 import zarr
+
+if TYPE_CHECKING:
+    from zarr.core.chunk_key_encodings import ChunkKeyEncodingParams
+    from zarr.types import AnyArray
+
+_Scalar = TypeVar("_Scalar", bound=np.generic)
 
 NGFF_VERSION = "0.4"
 #: lz4 is ~10x faster than zstd here and is zarr-python's own default, so every
@@ -37,7 +45,31 @@ NGFF_VERSION = "0.4"
 #: header, so readers need nothing.
 COMPRESSOR = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE,
                              blocksize=1 << 16)
-CHUNK_KEYS = {"name": "v2", "separator": "/"}
+CHUNK_KEYS: ChunkKeyEncodingParams = {"name": "v2", "separator": "/"}
+
+
+def json_attrs(node: zarr.Group | AnyArray) -> dict[str, Any]:
+    """A node's attributes as parsed JSON. zarr types each value as a union of every
+    JSON type; a reader that knows the schema (NGFF, our provenance) indexes it as such."""
+    return node.attrs.asdict()
+
+
+def array_at(group: zarr.Group, path: str) -> AnyArray:
+    """The array at ``path`` below ``group`` (KeyError: nothing there; TypeError: a group)."""
+    node = group[path]
+    if not isinstance(node, zarr.Array):
+        raise TypeError(f"{path!r} is a zarr group, expected an array")
+    return node
+
+
+def group_at(group: zarr.Group, path: str) -> zarr.Group:
+    """The group at ``path`` below ``group``, or ``group`` itself for ""."""
+    if not path:
+        return group
+    node = group[path]
+    if not isinstance(node, zarr.Group):
+        raise TypeError(f"{path!r} is a zarr array, expected a group")
+    return node
 
 
 @dataclass(frozen=True)
@@ -67,7 +99,7 @@ class ChunkFiles:
     only once complete (``workers.engine.run``), so no reader sees a half-written chunk.
     """
 
-    def __init__(self, array: zarr.Array, root: Path) -> None:
+    def __init__(self, array: AnyArray, root: Path) -> None:
         self.shape: tuple[int, ...] = tuple(array.shape)
         self.chunks: tuple[int, ...] = tuple(array.chunks)
         self.dtype = np.dtype(array.dtype)
@@ -79,7 +111,7 @@ class ChunkFiles:
     def _file(self, index: tuple[int, ...]) -> Path:
         return self.folder.joinpath(*(str(i) for i in index))
 
-    def write(self, index: tuple[int, ...], data: np.ndarray) -> None:
+    def write(self, index: tuple[int, ...], data: npt.NDArray[np.generic]) -> None:
         """Store chunk ``index``; ``data`` may be smaller at the array's far edges."""
         if self.fill == 0 and not data.any():
             return
@@ -95,7 +127,7 @@ class ChunkFiles:
         with open(os.path.join(folder, str(index[-1])), "wb") as fh:
             fh.write(encoded)
 
-    def read(self, index: tuple[int, ...]) -> np.ndarray:
+    def read(self, index: tuple[int, ...]) -> npt.NDArray[Any]:
         """Chunk ``index`` at full chunk shape (the fill value where none is stored)."""
         target = self._file(index)
         if not target.is_file():
@@ -156,14 +188,14 @@ def multiscales_attrs(
     ]
 
 
-def full_scale(dtype: np.dtype | type | str) -> float:
+def full_scale(dtype: npt.DTypeLike) -> float:
     """The stored value that stands for 1 (probability 1, full intensity): the type's
     maximum for unsigned integers, 1.0 for floats."""
     dtype = np.dtype(dtype)
     return 1.0 if dtype.kind == "f" else float(np.iinfo(dtype).max)
 
 
-def _downsample_mean(block: np.ndarray) -> np.ndarray:
+def _downsample_mean(block: npt.NDArray[_Scalar]) -> npt.NDArray[_Scalar]:
     """2x2 mean over the last two axes, edge-replicating odd sizes (uint8, uint16 or
     float32 in and out, the same type; integers rounded)."""
     h, w = block.shape[-2:]
@@ -178,7 +210,7 @@ def _downsample_mean(block: np.ndarray) -> np.ndarray:
     return np.stack(reduced).reshape(*block.shape[:-2], size[1], size[0])
 
 
-def _downsample_nearest(block: np.ndarray) -> np.ndarray:
+def _downsample_nearest(block: npt.NDArray[_Scalar]) -> npt.NDArray[_Scalar]:
     return block[..., 0::2, 0::2]
 
 
@@ -196,7 +228,7 @@ class ResultWriter:
         self._images: dict[str, tuple[str, int, str]] = {}  # group path -> (name, channels, kind)
         self._labels: dict[str, LabelSpec] = {}
 
-    def _create(self, group_path: str, n_channels: int | None, dtype: str = "uint8") -> zarr.Array:
+    def _create(self, group_path: str, n_channels: int | None, dtype: str = "uint8") -> AnyArray:
         group = self.root.require_group(group_path) if group_path else self.root
         for level, (h, w) in enumerate(self.shapes):
             shape = (n_channels, h, w) if n_channels else (h, w)
@@ -211,10 +243,10 @@ class ResultWriter:
                 compressors=COMPRESSOR,
                 chunk_key_encoding=CHUNK_KEYS,
             )
-        return group["0"]  # type: ignore[return-value]
+        return array_at(group, "0")
 
     def create_image(self, group_path: str, name: str, channels: Sequence[ChannelSpec],
-                     dtype: str = "uint8") -> zarr.Array:
+                     dtype: str = "uint8") -> AnyArray:
         """A (c, y, x) multiscale image (uint8 unless said) at ``group_path`` ("" is the
         root); viewers' display window spans 0 to :func:`full_scale`."""
         array = self._create(group_path, len(channels), dtype)
@@ -244,7 +276,7 @@ class ResultWriter:
         self._images[group_path] = (name, len(channels), "mean")
         return array
 
-    def create_label(self, spec: LabelSpec) -> zarr.Array:
+    def create_label(self, spec: LabelSpec) -> AnyArray:
         """A (y, x) uint8 label image under ``labels/<name>`` with colours per value."""
         array = self._create(f"labels/{spec.name}", None)
         group = self.root[f"labels/{spec.name}"]
@@ -267,7 +299,9 @@ class ResultWriter:
         self.root.require_group("labels").attrs["labels"] = sorted(self._labels)
         return array
 
-    def write_small_image(self, group_path: str, name: str, rgb: np.ndarray, mpp: float) -> None:
+    def write_small_image(
+        self, group_path: str, name: str, rgb: npt.NDArray[np.uint8], mpp: float
+    ) -> None:
         """A single-level RGB image (e.g. the slide thumbnail), stored as (c, y, x)."""
         group = self.root.require_group(group_path)
         data = np.ascontiguousarray(np.moveaxis(rgb, -1, 0))
@@ -280,7 +314,7 @@ class ResultWriter:
         )
 
     def write_tile_grid(
-        self, group_path: str, grid: np.ndarray, channels: Sequence[ChannelSpec],
+        self, group_path: str, grid: npt.NDArray[np.float32], channels: Sequence[ChannelSpec],
         *, scale_um: float, offset_um: float,
     ) -> None:
         """A (c, rows, cols) float32 image with one pixel per tile (NaN: not computed)."""
@@ -301,7 +335,7 @@ class ResultWriter:
         self.root.attrs[key] = value
 
     # -- pyramid --------------------------------------------------------------------------
-    def chunk_files(self, array: zarr.Array) -> ChunkFiles:
+    def chunk_files(self, array: AnyArray) -> ChunkFiles:
         return ChunkFiles(array, self.path)
 
     def _reduce_chunk(self, src: ChunkFiles, dst: ChunkFiles, cy: int, cx: int, mean: bool) -> None:
@@ -334,12 +368,11 @@ class ResultWriter:
         groups = [(p, True) for p in self._images] + [(f"labels/{n}", False) for n in self._labels]
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             for group_path, mean in groups:
-                group = self.root[group_path] if group_path else self.root
+                group = group_at(self.root, group_path)
                 for level in range(1, len(self.shapes)):
-                    src = self.chunk_files(group[str(level - 1)])
-                    dst = self.chunk_files(group[str(level)])
+                    src = self.chunk_files(array_at(group, str(level - 1)))
+                    dst = self.chunk_files(array_at(group, str(level)))
                     n_cy, n_cx = dst.n_chunks()[-2:]
+                    reduce_chunk = partial(self._reduce_chunk, src, dst, mean=mean)
                     for cy in range(n_cy):  # a row of futures at a time, not the whole level's
-                        row = [(cy, cx) for cx in range(n_cx)]
-                        list(pool.map(lambda job, s=src, d=dst, m=mean:
-                                      self._reduce_chunk(s, d, *job, m), row))
+                        list(pool.map(reduce_chunk, [cy] * n_cx, range(n_cx)))

@@ -11,11 +11,12 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Protocol, TypeVar
+from typing import Protocol, TypedDict, TypeVar
 
 import cv2
 import imagecodecs
 import numpy as np
+import numpy.typing as npt
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +34,11 @@ class TileSource(Protocol):
     with ``level=0``.
     """
 
-    def __call__(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray: ...
+    def __call__(self, level: int, y: int, x: int, h: int, w: int) -> npt.NDArray[np.uint8]: ...
 
 
 # -- area averaging ---------------------------------------------------------------------
-def _block_mean_numpy(region: np.ndarray, factor: int) -> np.ndarray:
+def _block_mean_numpy(region: npt.NDArray[np.uint8], factor: int) -> npt.NDArray[np.uint8]:
     """Block mean with partial last blocks averaged over their real pixels only."""
     vh, vw = region.shape[:2]
     oh, ow = -(-vh // factor), -(-vw // factor)
@@ -47,10 +48,13 @@ def _block_mean_numpy(region: np.ndarray, factor: int) -> np.ndarray:
     ny = np.minimum(factor, vh - np.arange(oh) * factor).astype(np.uint32)
     nx = np.minimum(factor, vw - np.arange(ow) * factor).astype(np.uint32)
     counts = (ny[:, None] * nx[None, :])[..., None]
-    return ((sums + counts // 2) // counts).astype(np.uint8)
+    mean: npt.NDArray[np.uint8] = ((sums + counts // 2) // counts).astype(np.uint8)
+    return mean
 
 
-def block_mean(region: np.ndarray, factor: int, valid_hw: tuple[int, int]) -> np.ndarray:
+def block_mean(
+    region: npt.NDArray[np.uint8], factor: int, valid_hw: tuple[int, int]
+) -> npt.NDArray[np.uint8]:
     """Mean of ``factor`` x ``factor`` blocks of an (H, W, 3) uint8 array (area average).
 
     Only the top-left ``valid_hw`` pixels are real; the last row/column of blocks may be
@@ -90,7 +94,7 @@ class LevelReader:
         self.downsamples = tuple(int(d) for d in downsamples)
         self.render_levels = render_levels
 
-    def region(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+    def region(self, level: int, y: int, x: int, h: int, w: int) -> npt.NDArray[np.uint8]:
         d = self.downsamples[level]
         if level == 0 or self.render_levels:
             out = np.asarray(self.source(level, y, x, h, w))
@@ -115,6 +119,13 @@ class LevelReader:
 
 
 # -- encoding ---------------------------------------------------------------------------
+class CodecArgs(TypedDict, total=False):
+    """The keywords of ``tifffile.TiffWriter.write`` that name a tile codec."""
+
+    compression: str | None
+    subsampling: tuple[int, int]
+
+
 class TileEncoder:
     """Encodes full tiles; identical uniform tiles (glass) are encoded once."""
 
@@ -123,7 +134,7 @@ class TileEncoder:
         self.quality = quality
         self._uniform: dict[tuple[int, ...], bytes] = {}
 
-    def encode(self, tile: np.ndarray) -> bytes:
+    def encode(self, tile: npt.NDArray[np.uint8]) -> bytes:
         # uniform iff every row equals the one above and row 0 is one colour; both
         # comparisons are over contiguous memory, 10x faster than broadcasting a pixel
         if np.array_equal(tile[1:], tile[:-1]) and np.array_equal(tile[0, 1:], tile[0, :-1]):
@@ -135,7 +146,7 @@ class TileEncoder:
             return cached
         return self._encode(tile)
 
-    def _encode(self, tile: np.ndarray) -> bytes:
+    def _encode(self, tile: npt.NDArray[np.uint8]) -> bytes:
         if self.compression == "jpeg":
             return bytes(
                 imagecodecs.jpeg8_encode(
@@ -147,10 +158,11 @@ class TileEncoder:
                 )
             )
         if self.compression == "deflate":
-            return bytes(imagecodecs.zlib_encode(tile, level=6))
+            # imagecodecs' stub says bytes, but zlib_encode takes any buffer (an array)
+            return bytes(imagecodecs.zlib_encode(tile, level=6))  # type: ignore[arg-type]
         return tile.tobytes()
 
-    def tifffile_args(self) -> dict[str, object]:
+    def tifffile_args(self) -> CodecArgs:
         if self.compression == "jpeg":
             return {"compression": "jpeg", "subsampling": (2, 2)}
         if self.compression == "deflate":
@@ -206,7 +218,7 @@ def level_tiles(
     return _ordered_map(make, positions, workers)
 
 
-def thumbnail(reader: LevelReader, dims: tuple[int, int], max_px: int) -> np.ndarray:
+def thumbnail(reader: LevelReader, dims: tuple[int, int], max_px: int) -> npt.NDArray[np.uint8]:
     """Block mean of the coarsest level to at most ``max_px``, computed in strips."""
     lw, lh = dims
     level = len(reader.downsamples) - 1

@@ -31,12 +31,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
+import numpy.typing as npt
 import tifffile
 
 from wsi.errors import InvalidParameter
-from wsi.pyramid_levels import LevelReader, TileEncoder, TileSource, level_tiles, thumbnail
+from wsi.pyramid_levels import (
+    CodecArgs,
+    LevelReader,
+    TileEncoder,
+    TileSource,
+    level_tiles,
+    thumbnail,
+)
+
+if TYPE_CHECKING:
+    from typing import Unpack
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +80,41 @@ class PyramidInfo:
         if self.flavor == "svs":
             return (0, *range(2, len(self.downsamples) + 1))
         return tuple(range(len(self.downsamples)))
+
+
+class WriterOptions(TypedDict, total=False):
+    """The optional keywords of :func:`write_pyramidal_tiff`."""
+
+    downsamples: Sequence[int]
+    tile_px: int
+    compression: str
+    quality: int
+    flavor: str
+    render_levels: bool | None
+    app_mag: float | None
+    thumbnail_px: int
+    bigtiff: bool | None
+    workers: int | None
+
+
+class _LevelPage(CodecArgs, total=False):
+    """``TiffWriter.write`` keywords of one level's page (what every level shares)."""
+
+    shape: tuple[int, int, int]
+    dtype: type[np.uint8]
+    photometric: str
+    tile: tuple[int, int]
+    metadata: None
+    software: str
+
+
+class _LevelTags(TypedDict, total=False):
+    """``TiffWriter.write`` keywords that differ between levels and flavours."""
+
+    description: str
+    subfiletype: int
+    resolution: tuple[float, float]
+    resolutionunit: str
 
 
 def pyramid_dimensions(
@@ -200,7 +247,7 @@ def write_pyramidal_tiff(
     try:
         with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tif:
             for level, (lw, lh) in enumerate(dims):
-                common: dict[str, object] = {
+                common: _LevelPage = {
                     "shape": (lh, lw, 3),
                     "dtype": np.uint8,
                     "photometric": "rgb",
@@ -217,7 +264,7 @@ def write_pyramidal_tiff(
                             f"Aperio Image Library v12.0.15 \r\n{width}x{height} -> {lw}x{lh} - "
                         )
                     description += _aperio_fields(mpp, app_mag, path.stem)
-                    extra: dict[str, object] = {"description": description}
+                    extra: _LevelTags = {"description": description}
                 else:
                     extra = {"subfiletype": 1 if level else 0}
                     if mpp is not None:
@@ -291,7 +338,7 @@ class ArraySource:
 
     renders_levels = False
 
-    def __init__(self, rgb: np.ndarray, *, mode: str = "mirror") -> None:
+    def __init__(self, rgb: npt.NDArray[np.uint8], *, mode: str = "mirror") -> None:
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise InvalidParameter(
                 f"expected an (h, w, 3) uint8 image, got {rgb.shape} {rgb.dtype}"
@@ -301,7 +348,7 @@ class ArraySource:
         self.rgb = np.ascontiguousarray(rgb)
         self.mode = mode
 
-    def __call__(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+    def __call__(self, level: int, y: int, x: int, h: int, w: int) -> npt.NDArray[np.uint8]:
         if level != 0:
             raise ValueError("ArraySource renders level 0 only")
         ih, iw = self.rgb.shape[:2]
@@ -317,13 +364,13 @@ class ArraySource:
 
 def write_slide_from_array(
     path: str | Path,
-    rgb: np.ndarray,
+    rgb: npt.NDArray[np.uint8],
     *,
     mpp: float | None,
     width: int | None = None,
     height: int | None = None,
     mode: str = "mirror",
-    **kwargs: object,
+    **kwargs: Unpack[WriterOptions],
 ) -> PyramidInfo:
     """A pyramidal slide from an RGB array, mirrored/tiled to ``width`` x ``height``.
 
@@ -336,7 +383,7 @@ def write_slide_from_array(
         height=height or h,
         mpp=mpp,
         tile_source=ArraySource(rgb, mode=mode),
-        **kwargs,  # type: ignore[arg-type]
+        **kwargs,
     )
 
 

@@ -17,6 +17,7 @@ from types import TracebackType
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 
 from wsi.backends import SlideBackend, open_backend
 from wsi.errors import InvalidParameter, SlideMissingMpp, SlideUnreadable
@@ -27,7 +28,7 @@ MPP_TOLERANCE = 0.01
 WHITE = 255
 
 
-def composite_on_white(region: np.ndarray) -> np.ndarray:
+def composite_on_white(region: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     """RGBA -> RGB over a white background; RGB passes through unchanged."""
     if region.ndim != 3 or region.shape[2] not in (3, 4):
         raise ValueError(f"expected an (h, w, 3|4) image, got shape {region.shape}")
@@ -35,7 +36,8 @@ def composite_on_white(region: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(region)
     if int(region[..., 3].min()) == 255:  # opaque (tissue scans almost always are)
         # OpenCV drops the alpha plane ~100x faster than numpy's strided copy
-        return cv2.cvtColor(np.ascontiguousarray(region), cv2.COLOR_RGBA2RGB)
+        rgb8 = cv2.cvtColor(np.ascontiguousarray(region), cv2.COLOR_RGBA2RGB)
+        return np.asarray(rgb8, dtype=np.uint8)  # cv2's stubs type it as any-dtype MatLike
     rgb = region[..., :3].astype(np.uint16)
     alpha = region[..., 3:4].astype(np.uint16)
     out = (rgb * alpha + WHITE * (255 - alpha) + 127) // 255
@@ -159,7 +161,9 @@ class Slide:
         return 1.0 if abs(ratio - 1.0) <= MPP_TOLERANCE else ratio
 
     # -- pixels -------------------------------------------------------------------------
-    def read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+    def read_level(
+        self, level: int, x: int, y: int, width: int, height: int
+    ) -> npt.NDArray[np.uint8]:
         """Read a region in *level* pixel coordinates as (h, w, 3) RGB uint8.
 
         The part of the region outside the level is white.
@@ -182,7 +186,7 @@ class Slide:
 
     def read_scaled(
         self, target_mpp: float, x: int, y: int, width: int, height: int
-    ) -> np.ndarray:
+    ) -> npt.NDArray[np.uint8]:
         """Read a region given in pixels of the ``target_mpp`` grid.
 
         Reads the level :meth:`best_level_for_mpp` picks and, when its resolution differs
@@ -196,9 +200,10 @@ class Slide:
         lx1, ly1 = math.ceil((x + width) * scale), math.ceil((y + height) * scale)
         region = self.read_level(level, lx0, ly0, lx1 - lx0, ly1 - ly0)
         interpolation = cv2.INTER_AREA if scale > 1 else cv2.INTER_LINEAR
-        return cv2.resize(region, (width, height), interpolation=interpolation)
+        resized = cv2.resize(region, (width, height), interpolation=interpolation)
+        return np.asarray(resized, dtype=np.uint8)
 
-    def thumbnail(self, max_px: int) -> np.ndarray:
+    def thumbnail(self, max_px: int) -> npt.NDArray[np.uint8]:
         """The whole slide fitted into ``max_px`` x ``max_px`` (RGB uint8)."""
         if max_px < 1:
             raise InvalidParameter(f"thumbnail size must be positive, got {max_px}")
@@ -218,9 +223,9 @@ class Slide:
         height: int,
         *,
         band_pixels: int = 1 << 20,
-        channel: Callable[[np.ndarray], np.ndarray] | None = None,
+        channel: Callable[[npt.NDArray[np.uint8]], npt.NDArray[np.uint8]] | None = None,
         workers: int = 2,
-    ) -> np.ndarray:
+    ) -> npt.NDArray[np.uint8]:
         """A whole level resized to (width, height), read in horizontal bands.
 
         Memory is one band of about ``band_pixels`` level pixels plus the small output,
@@ -241,7 +246,10 @@ class Slide:
             oy0, oy1 = round(y * height / lh), round(y_end * height / lh)
             if oy1 > oy0:
                 band = self.read_level(level, 0, y, lw, y_end - y)
-                resized = cv2.resize(band, (width, oy1 - oy0), interpolation=interpolation)
+                resized = np.asarray(
+                    cv2.resize(band, (width, oy1 - oy0), interpolation=interpolation),
+                    dtype=np.uint8,
+                )
                 out[oy0:oy1] = resized if channel is None else channel(resized)
 
         starts = range(0, lh, rows_per_band)

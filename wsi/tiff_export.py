@@ -14,10 +14,11 @@ import math
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import zarr
 
 from wsi.errors import InvalidParameter
-from wsi.ome_zarr import ChunkFiles
+from wsi.ome_zarr import ChunkFiles, array_at, group_at, json_attrs
 from wsi.pyramid_tiff import PyramidInfo, write_pyramidal_tiff
 
 #: The image group a chain stores its stained tiles in.
@@ -30,7 +31,7 @@ def rgb_image_group(root: zarr.Group) -> str:
     a model whose first output is RGB."""
     if STAINED_GROUP in root:
         return STAINED_GROUP
-    card = dict(root.attrs.get("slidepipe", {})).get("model_card", {})
+    card = dict(json_attrs(root).get("slidepipe", {})).get("model_card", {})
     outputs = card.get("outputs") or []
     if outputs and outputs[0].get("channels") == "rgb":
         return ""
@@ -53,7 +54,7 @@ class ZarrRGBSource:
         self.height, self.width = files.shape[1:]
         self.chunk_h, self.chunk_w = files.chunks[1:]
 
-    def __call__(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+    def __call__(self, level: int, y: int, x: int, h: int, w: int) -> npt.NDArray[np.uint8]:
         if level != 0:
             raise ValueError("ZarrRGBSource renders level 0 only")
         out = np.empty((3, h, w), dtype=np.uint8)
@@ -87,9 +88,11 @@ def export_rgb_tiff(
     """
     root = zarr.open_group(str(result), mode="r")
     group = rgb_image_group(root) if group is None else group
-    node = root[group] if group else root
-    array = node["0"]
-    scale = node.attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
+    node = group_at(root, group)
+    array = array_at(node, "0")
+    scale = json_attrs(node)["multiscales"][0]["datasets"][0]["coordinateTransformations"][0][
+        "scale"
+    ]
     mpp = float(scale[-1])
     _, height, width = array.shape
     downsamples = [1]

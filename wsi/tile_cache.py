@@ -18,10 +18,12 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from wsi.errors import RegionUnreadable
 
@@ -39,11 +41,11 @@ class DecodedTileCache:
         self.max_bytes = max_bytes
         self.bytes = 0
         self.decodes = 0
-        self._tiles: OrderedDict[TileKey, np.ndarray] = OrderedDict()
+        self._tiles: OrderedDict[TileKey, npt.NDArray[np.uint8]] = OrderedDict()
         self._loading: dict[TileKey, threading.Event] = {}
         self._lock = threading.Lock()
 
-    def get(self, key: TileKey, decode: Callable[[], np.ndarray]) -> np.ndarray:
+    def get(self, key: TileKey, decode: Callable[[], npt.NDArray[np.uint8]]) -> npt.NDArray[np.uint8]:
         """The tile for ``key``, calling ``decode`` only if no thread has it or is making it."""
         while True:
             with self._lock:
@@ -133,7 +135,7 @@ class TiledReader:
     def covers(self, level: int) -> bool:
         return level in self.levels
 
-    def _decode(self, level: TiledLevel, index: int) -> np.ndarray:
+    def _decode(self, level: TiledLevel, index: int) -> npt.NDArray[np.uint8]:
         shape = (level.tile_h, level.tile_w, level.samples)
         count = int(level.byte_counts[index])
         if count == 0:  # a sparse TIFF's missing tile: the fill value, as tifffile reads it
@@ -154,9 +156,10 @@ class TiledReader:
                 f"tile {index} of level {level.index} decoded to "
                 f"{None if segment is None else segment.shape}, expected {shape}"
             )
-        return segment.reshape(shape)
+        tile: npt.NDArray[np.uint8] = segment.reshape(shape)  # tifffile's decode is untyped
+        return tile
 
-    def read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+    def read(self, level: int, x: int, y: int, width: int, height: int) -> npt.NDArray[np.uint8]:
         """The (height, width, 3) region at (x, y) of ``level``; it must lie inside it."""
         lv = self.levels[level]
         if x < 0 or y < 0 or x + width > lv.width or y + height > lv.height:
@@ -172,7 +175,7 @@ class TiledReader:
                 left = tx * lv.tile_w
                 x0, x1 = max(x, left), min(x + width, left + lv.tile_w)
                 index = ty * lv.tiles_across + tx
-                tile = self.cache.get((level, index), lambda i=index: self._decode(lv, i))
+                tile = self.cache.get((level, index), partial(self._decode, lv, index))
                 out[y0 - y : y1 - y, x0 - x : x1 - x] = tile[y0 - top : y1 - top,
                                                             x0 - left : x1 - left]
         return out

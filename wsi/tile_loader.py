@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from wsi.reader import Slide
 from wsi.tiling import Tile
@@ -26,7 +27,7 @@ from wsi.tiling import Tile
 @dataclass(frozen=True)
 class TileBatch:
     tiles: list[Tile]
-    pixels: np.ndarray  # (n, tile_px, tile_px, 3) uint8
+    pixels: npt.NDArray[np.uint8]  # (n, tile_px, tile_px, 3) uint8
 
 
 class TileBatchLoader:
@@ -72,20 +73,20 @@ class TileBatchLoader:
             self._local.slide = slide
         return slide
 
-    def read_tile(self, tile: Tile) -> np.ndarray:
+    def read_tile(self, tile: Tile) -> npt.NDArray[np.uint8]:
         p = self.tile_px
         return self._slide().read_scaled(self.target_mpp, tile.x, tile.y, p, p)
 
-    def _read_into(self, pixels: np.ndarray, tiles: Sequence[Tile]) -> None:
+    def _read_into(self, pixels: npt.NDArray[np.uint8], tiles: Sequence[Tile]) -> None:
         for i, tile in enumerate(tiles):
             pixels[i] = self.read_tile(tile)
 
-    def __iter__(self) -> Iterator[TileBatch]:
+    def __iter__(self) -> Generator[TileBatch, None, None]:
         pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="tile-read")
         # each batch is read as one task per worker, straight into its array: a task per
         # tile costs a future, a lock and a thread wake-up for every tile
         part = -(-self.batch_size // self.workers)
-        pending: deque[tuple[list[Tile], np.ndarray, list[Future[None]]]] = deque()
+        pending: deque[tuple[list[Tile], npt.NDArray[np.uint8], list[Future[None]]]] = deque()
         upcoming = iter(self.tiles)
         p = self.tile_px
         try:

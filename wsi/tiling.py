@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 
 from wsi.errors import InvalidParameter
 from wsi.tissue import TissueMask
@@ -123,7 +124,7 @@ def grid_count(length_px: int, kept_px: int, stride_px: int) -> int:
     return math.ceil((length_px - kept_px) / stride_px) + 1
 
 
-def axis_starts(length_px: int, count: int, g: TileGeometry) -> np.ndarray:
+def axis_starts(length_px: int, count: int, g: TileGeometry) -> npt.NDArray[np.int64]:
     """Kept-region starts along one axis: a regular stride, the last one shifted back to
     end at the edge (rounded up to the output stride, so outputs stay on their grid)."""
     starts = np.arange(count, dtype=np.int64) * g.stride_px
@@ -134,8 +135,8 @@ def axis_starts(length_px: int, count: int, g: TileGeometry) -> np.ndarray:
 
 
 def tissue_fractions(
-    mask: TissueMask, boxes: np.ndarray, target_mpp: float, width: int, height: int
-) -> np.ndarray:
+    mask: TissueMask, boxes: npt.NDArray[np.int64], target_mpp: float, width: int, height: int
+) -> npt.NDArray[np.float64]:
     """Tissue share of each (x, y, w, h) target-grid box, clipped to the slide.
 
     Boxes are grouped by their band of mask rows (a grid row of tiles shares one), and
@@ -163,7 +164,8 @@ def tissue_fractions(
         counts = np.zeros(mw + 1, dtype=np.int64)
         np.cumsum(np.count_nonzero(mask.mask[y0:y1], axis=0), out=counts[1:])
         inside[members] = counts[mx1[members]] - counts[mx0[members]]
-    return inside / ((mx1 - mx0) * (my1 - my0))
+    fractions: npt.NDArray[np.float64] = inside / ((mx1 - mx0) * (my1 - my0))
+    return fractions
 
 
 def plan_tiles(

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 
 from wsi.errors import InvalidParameter
 from wsi.reader import Slide
@@ -55,7 +57,7 @@ class TissueParams:
 class TissueMask:
     """A boolean tissue mask and the microns per pixel it was computed at."""
 
-    mask: np.ndarray
+    mask: npt.NDArray[np.bool_]
     mpp: float
 
     @property
@@ -68,27 +70,33 @@ def _odd(n: float) -> int:
     return k if k % 2 == 1 else k + 1
 
 
-def threshold_channel(rgb: np.ndarray, method: str) -> np.ndarray:
+def threshold_channel(rgb: npt.NDArray[np.uint8], method: str) -> npt.NDArray[np.uint8]:
     """The uint8 channel Otsu thresholds: HSV saturation, or inverted grey (dark = high)."""
     if method == "hsv-otsu":
-        return cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1]
+        hsv = np.asarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV), dtype=np.uint8)
+        return hsv[..., 1]
     if method == "grey-otsu":
-        return 255 - cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        grey = np.asarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), dtype=np.uint8)
+        return 255 - grey
     raise InvalidParameter(f"unknown tissue method {method!r}")
 
 
-def otsu_foreground(channel: np.ndarray, min_threshold: int) -> np.ndarray:
+def otsu_foreground(channel: npt.NDArray[np.uint8], min_threshold: int) -> npt.NDArray[np.bool_]:
     """Pixels above Otsu's threshold (never below ``min_threshold``)."""
     otsu, _ = cv2.threshold(channel, 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
     return channel > max(otsu, min_threshold)
 
 
-def threshold_tissue(rgb: np.ndarray, method: str, min_threshold: int) -> np.ndarray:
+def threshold_tissue(
+    rgb: npt.NDArray[np.uint8], method: str, min_threshold: int
+) -> npt.NDArray[np.bool_]:
     """Raw Otsu foreground of an RGB image (before any morphology)."""
     return otsu_foreground(threshold_channel(rgb, method), min_threshold)
 
 
-def _components(binary: np.ndarray, connectivity: int) -> tuple[int, np.ndarray, np.ndarray]:
+def _components(
+    binary: npt.NDArray[np.uint8], connectivity: int
+) -> tuple[int, npt.NDArray[np.integer[Any]], npt.NDArray[np.int32]]:
     """Connected components with 16-bit labels when they fit (half the memory of a
     full-resolution int32 label image), else 32-bit."""
     try:
@@ -97,23 +105,28 @@ def _components(binary: np.ndarray, connectivity: int) -> tuple[int, np.ndarray,
     except cv2.error:  # more than 65535 components
         n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=connectivity,
                                                                ltype=cv2.CV_32S)
-    return n, labels, stats
+    return n, np.asarray(labels), np.asarray(stats, dtype=np.int32)
 
 
-def clean_mask(mask: np.ndarray, mpp: float, params: TissueParams) -> np.ndarray:
+def clean_mask(
+    mask: npt.NDArray[np.bool_] | npt.NDArray[np.uint8], mpp: float, params: TissueParams
+) -> npt.NDArray[np.bool_]:
     """Median blur, closing, hole filling and small-object removal (sizes in µm).
 
     ``mask`` is boolean or uint8 (non-zero = tissue). Temporaries are freed as soon as
     possible: on a 100k-pixel slide each one is tens of megabytes.
     """
-    m = cv2.medianBlur(np.where(mask, np.uint8(255), np.uint8(0)), _odd(params.median_um / mpp))
+    m = np.asarray(
+        cv2.medianBlur(np.where(mask, np.uint8(255), np.uint8(0)), _odd(params.median_um / mpp)),
+        dtype=np.uint8,
+    )
     close_px = _odd(params.closing_um / mpp)
     if close_px > 1:
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (close_px, close_px))
         cv2.morphologyEx(m, cv2.MORPH_CLOSE, kernel, dst=m)
     px_area = mpp * mpp
     # holes: background components that do not touch the border and are small enough
-    n, labels, stats = _components(cv2.bitwise_not(m), 4)
+    n, labels, stats = _components(np.asarray(cv2.bitwise_not(m), dtype=np.uint8), 4)
     h, w = m.shape
     x, y = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]
     bw, bh = stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT]
@@ -127,7 +140,8 @@ def clean_mask(mask: np.ndarray, mpp: float, params: TissueParams) -> np.ndarray
     del m
     keep = np.zeros(n, dtype=bool)
     keep[1:] = stats[1:, cv2.CC_STAT_AREA] * px_area >= params.min_object_um2
-    return keep[labels]
+    cleaned: npt.NDArray[np.bool_] = keep[labels]
+    return cleaned
 
 
 def _view_geometry(slide: Slide, working_mpp: float) -> tuple[int, int, int, float]:
@@ -142,7 +156,7 @@ def _view_geometry(slide: Slide, working_mpp: float) -> tuple[int, int, int, flo
     return level, width, height, slide.mpp * w0 / width
 
 
-def working_view(slide: Slide, working_mpp: float) -> tuple[np.ndarray, float]:
+def working_view(slide: Slide, working_mpp: float) -> tuple[npt.NDArray[np.uint8], float]:
     """The slide at about ``working_mpp`` (RGB) and its exact mpp."""
     level, width, height, mpp = _view_geometry(slide, working_mpp)
     return slide.read_level_resized(level, width, height), mpp

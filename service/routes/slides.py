@@ -13,8 +13,8 @@ from service.deps import OwnerDep, SettingsDep, StoreDep
 from service.schemas import SlideList, SlideOut
 from service.uploads import receive_slide
 from workers.jobs import actions as jobs
+from workers.jobs.rows import SlideRow
 from workers.jobs.settings import Settings
-from workers.jobs.store import SlideRow
 from wsi.heatmap import encode_png
 from wsi.reader import Slide
 

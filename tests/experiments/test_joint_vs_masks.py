@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
+from click.testing import CliRunner
 
 from experiments.joint_vs_masks import ExperimentConfig, format_table, run_experiment
 
@@ -55,3 +58,35 @@ def test_experiment_protocol_in_miniature(cmu_svs: Path, tmp_path: Path) -> None
     assert results["heldout_patches"]["patches"] > 0
     table = format_table(results["summary"])
     assert table.count("\n") == 6 and "background / stroma / cellular" in table
+
+
+def test_command_line_builds_the_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``python -m experiments.joint_vs_masks`` (click): the label set picks the
+    resolution, strides and label rule unless given; ``--upper-bounds`` adds arms."""
+    from experiments import joint_vs_masks
+
+    seen: list[ExperimentConfig] = []
+
+    def fake_run(config: ExperimentConfig) -> dict[str, Any]:
+        seen.append(config)
+        return {"train_patches": {}, "train_label_counts": [], "heldout_patches": {},
+                "heldout_label_counts": [], "summary": []}
+
+    monkeypatch.setattr(joint_vs_masks, "run_experiment", fake_run)
+    result = CliRunner().invoke(joint_vs_masks.main, [
+        "--out", str(tmp_path), "--labels", "region", "--seeds", "1,2", "--label-bn", "shared",
+        "--arms", "joint,unet-masks-only", "--upper-bounds", "--schedule", "cosine"])
+    assert result.exit_code == 0, result.output
+    config = seen[0]
+    assert (config.out_dir, config.mpp, config.train_stride, config.test_stride) == (
+        tmp_path, 1.0, 32, 64)
+    assert config.label_rule == (0.0, 0.5, 0.2) and config.seeds == (1, 2)
+    assert config.label_bn == "shared" and config.lr_schedule == "cosine"
+    assert config.arms == ("joint", "unet-masks-only", "joint-all-masks", "unet-all-masks")
+    assert (config.steps, config.batch_size, config.label_batch, config.mask_fraction) == (
+        80, 8, 8, 0.03)
+    CliRunner().invoke(joint_vs_masks.main, ["--out", str(tmp_path)])
+    assert (seen[1].mpp, seen[1].train_stride, seen[1].label_rule) == (0.5, 64, (0.0, 0.5, 0.15))
+    assert seen[1].arms == joint_vs_masks.ARMS and seen[1].label_bn == "masked-running"
+    wrong = CliRunner().invoke(joint_vs_masks.main, ["--label-bn", "mixed"])
+    assert wrong.exit_code == 2 and len(seen) == 2

@@ -19,19 +19,16 @@ from models.errors import ModelCardInvalid
 from models.joint import JointSegClassNet
 from models.loading import LoadedModel, load_model
 from models.metrics import IGNORE, bach_score, classification_metrics, segmentation_metrics
-from models.predictor import Predictor
-from models.seg_training import (
-    FitConfig,
+from models.patches import (
     PatchDataset,
     TrainingDataInvalid,
-    evaluate,
-    fit,
     group_split,
     limit_masks,
     masked_area_share,
     patch_label_from_mask,
-    presence_loss,
 )
+from models.predictor import Predictor
+from models.seg_training import FitConfig, evaluate, fit, masked_running_forward, to_tensor
 from models.stain import PSEUDO_CLASSES, PSEUDO_COLORS, stain_pseudo_labels
 
 STAIN_CLASSES = [ClassSpec(name=n, color=c) for n, c in zip(PSEUDO_CLASSES, PSEUDO_COLORS)]
@@ -212,20 +209,21 @@ def _fit_joint(data: PatchDataset, steps: int, folder: Path | None = None, resum
 
 
 def test_joint_training_lowers_both_losses(tissue_patches: PatchDataset) -> None:
-    """Masks on a quarter of 16 real patches, class labels on all: both losses fall."""
+    """Masks on a quarter of 16 real patches, class labels on all: both losses fall (the
+    masked patches in a BatchNorm pass of their own, four at a time)."""
     data = limit_masks(tissue_patches.subset(np.arange(16)), 0.25, seed=0)
     assert data.has_mask.sum() == 4 and (data.labels >= 0).all()
     card = joint_card()
     torch.manual_seed(0)
     module = build_module(card)
-    config = FitConfig(steps=12, batch_size=8, lr=2e-3, augment=False, eval_every=6,
+    config = FitConfig(steps=12, batch_size=8, lr=1e-3, augment=False, eval_every=6,
                        masked_per_batch=4)
     evals: list[dict] = []
     result = fit(module, card, data, config, val=tissue_patches.subset(np.arange(16, 28)),
                  on_eval=lambda step, row: evals.append(row))
     seg = [h["loss_seg"] for h in result.history]
     cls = [h["loss_cls"] for h in result.history]
-    assert np.mean(seg[-3:]) < 0.7 * np.mean(seg[:3]), seg
+    assert np.mean(seg[-3:]) < 0.8 * np.mean(seg[:3]), seg
     assert np.mean(cls[-3:]) < np.mean(cls[:3]), cls
     assert [e["step"] for e in evals] == [6, 12]
     assert {"val_seg_mean_dice", "val_seg_dice_nuclei", "val_seg_mean_iou", "val_cls_accuracy",
@@ -233,15 +231,11 @@ def test_joint_training_lowers_both_losses(tissue_patches: PatchDataset) -> None
     assert 0 <= evals[-1]["val_seg_mean_dice"] <= 1
 
 
-def test_label_only_patches_and_batchnorm() -> None:
-    """``label_bn``: in one shared pass the label-only patches change what the masked
-    patches' outputs are (BatchNorm batch statistics); the two-pass modes keep the
-    masked patches' pass as if alone; ``masked-running`` and ``frozen`` leave the running
-    statistics as the masked pass made them, and ``frozen`` normalises the label-only
-    patches with them."""
+def test_label_only_patches_get_a_batchnorm_pass_of_their_own() -> None:
+    """The product's forward pass of a training batch (masked patches first): the masked
+    patches come out as if alone, the label-only ones by their own batch statistics, and
+    only the masked pass updates the running statistics used at inference."""
     from copy import deepcopy
-
-    from models.seg_training import _forward
 
     torch.manual_seed(0)
     net = JointSegClassNet(3).train()
@@ -249,74 +243,45 @@ def test_label_only_patches_and_batchnorm() -> None:
     x[2:] = x[2:] * 3 + 1  # label-only patches with other statistics
     alone = deepcopy(net)
     seg_alone = alone(x[:2])["probabilities"]
-    shared = deepcopy(net)
-    seg, cls = _forward(shared, x, 2, "shared")
+    two_pass = deepcopy(net)
+    seg, cls = masked_running_forward(two_pass, x, 2)
     assert seg.shape == (6, 3, 64, 64) and cls is not None and cls.shape == (6, 3)
-    assert not torch.allclose(seg[:2], seg_alone, atol=1e-4)
-    for mode in ("separate", "masked-running", "frozen"):
-        net_mode = deepcopy(net)
-        seg, cls = _forward(net_mode, x, 2, mode)
-        assert seg.shape == (6, 3, 64, 64) and cls is not None and cls.shape == (6, 3)
-        assert torch.allclose(seg[:2], seg_alone, atol=1e-5), mode
-        bn, bn_alone = net_mode.encoder[1], alone.encoder[1]
-        same_stats = torch.allclose(bn.running_mean, bn_alone.running_mean)
-        assert same_stats == (mode != "separate"), mode
-        assert all(m.training for m in net_mode.modules())  # train mode is restored
-        assert all(m.track_running_stats for m in net_mode.modules()
-                   if isinstance(m, nn.BatchNorm2d))
-        if mode == "masked-running":  # the label-only patches by their own batch statistics
-            assert torch.allclose(seg[2:], deepcopy(net)(x[2:])["probabilities"], atol=1e-5)
-    frozen = deepcopy(net)
-    seg, _ = _forward(frozen, x, 2, "frozen")
-    assert torch.allclose(seg[2:], deepcopy(alone).eval()(x[2:])["probabilities"], atol=1e-5)
-    # no masked patch in the batch: one pass, whatever the mode
-    assert torch.allclose(_forward(deepcopy(net), x, 0, "frozen")[0],
+    assert torch.allclose(seg[:2], seg_alone, atol=1e-5)
+    assert torch.allclose(seg[2:], deepcopy(net)(x[2:])["probabilities"], atol=1e-5)
+    bn, bn_alone = two_pass.encoder[1], alone.encoder[1]
+    assert torch.allclose(bn.running_mean, bn_alone.running_mean)
+    assert torch.allclose(bn.running_var, bn_alone.running_var)
+    assert all(m.training for m in two_pass.modules())  # train mode is restored
+    assert all(m.track_running_stats for m in two_pass.modules()
+               if isinstance(m, nn.BatchNorm2d))
+    # no masked patch in the batch: one pass
+    assert torch.allclose(masked_running_forward(deepcopy(net), x, 0)[0],
                           deepcopy(net)(x)["probabilities"], atol=1e-5)
 
 
-def test_label_only_patches_reach_training_only_through_the_chosen_route(
+def test_label_only_patches_reach_training_only_through_l_cls(
         tissue_patches: PatchDataset) -> None:
-    """Without L_cls, the label-only patches can only act through BatchNorm: in one shared
-    pass they change the trained weights, in ``masked-running`` (the experiment's
-    default) neither the weights nor the running statistics see them."""
+    """Without L_cls (``cls_weight`` 0), other label-only patches leave the trained
+    weights and BatchNorm's running statistics exactly as they were: they reach the
+    model only through L_cls, never through the batch statistics of the masked ones."""
     data = limit_masks(tissue_patches.subset(np.arange(16)), 0.25, seed=0)
     other = data.subset(np.arange(len(data)))
     label_only = ~other.has_mask
     other.images[label_only] = 255 - other.images[label_only]  # different label-only patches
     card = joint_card()
 
-    def train(patches: PatchDataset, label_bn: str) -> dict[str, torch.Tensor]:
+    def train(patches: PatchDataset, cls_weight: float) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
         module = build_module(card)
         fit(module, card, patches, FitConfig(steps=3, batch_size=4, masked_per_batch=2,
-                                             lr=1e-3, cls_weight=0.0, label_bn=label_bn))
+                                             lr=1e-3, cls_weight=cls_weight))
         return module.state_dict()
 
     def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
         return all(torch.equal(a[k], b[k]) for k in a)
 
-    assert same(train(data, "masked-running"), train(other, "masked-running"))
-    assert not same(train(data, "shared"), train(other, "shared"))
-
-
-def test_presence_loss_reads_labels_as_the_most_severe_class_present() -> None:
-    """A label ``c``: class ``c`` present (its best pixel's probability), the classes
-    above it absent, the milder ones free. By hand on a 3-class, 2-pixel map."""
-    # pixel 0: mostly class 0; pixel 1: class 1 and 2 split
-    probs = torch.tensor([[[0.8, 0.1]], [[0.1, 0.5]], [[0.1, 0.4]]]).log()[None]  # (1, 3, 1, 2)
-    logits = probs.clone().requires_grad_(True)
-    loss = presence_loss(logits, torch.tensor([1]))
-    # class 1 present (best pixel 0.5), class 2 absent (best pixel 0.4); class 0 unconstrained
-    assert loss.item() == pytest.approx((-math.log(0.5) - math.log(1 - 0.4)) / 2, rel=1e-5)
-    loss.backward()
-    assert logits.grad[0, :, 0, 0].abs().max() == 0  # pixel 0 is no class's best above 0
-    assert logits.grad[0, 1, 0, 1] < 0 and logits.grad[0, 2, 0, 1] > 0  # raise 1, lower 2
-    # the mildest label constrains every class; the most severe only its own
-    assert presence_loss(probs, torch.tensor([0])).item() == pytest.approx(
-        (-math.log(0.8) - math.log(0.5) - math.log(0.6)) / 3, rel=1e-5)
-    assert presence_loss(probs, torch.tensor([2])).item() == pytest.approx(-math.log(0.4), rel=1e-5)
-    with pytest.raises(ValueError, match="cls_loss must be softmax or presence, got 'bce'"):
-        FitConfig(cls_loss="bce")  # type: ignore[arg-type]
+    assert same(train(data, 0.0), train(other, 0.0))
+    assert not same(train(data, 1.0), train(other, 1.0))  # through L_cls they do
 
 
 def test_resume_reproduces_an_uninterrupted_run(tissue_patches: PatchDataset, tmp_path: Path) -> None:
@@ -356,8 +321,6 @@ def test_unet_needs_masks_and_learns_from_them(tissue_patches: PatchDataset) -> 
 
 
 def _manual_tta(module: nn.Module, card: ModelCard, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from models.seg_training import to_tensor
-
     x = to_tensor(batch, card, torch.device("cpu"))
     passes = []
     with torch.no_grad():

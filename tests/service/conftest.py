@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 KEYS = {"alice": "alice-key-0123456789", "bob": "bob-key-9876543210"}
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024
-PG_ADMIN_URL = os.environ.get("SLIDEPIPE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 def free_port() -> int:
@@ -107,38 +105,6 @@ _redis_db_counter = iter(range(1, 16))
 
 def next_redis_url(base: str) -> str:
     return f"{base}/{next(_redis_db_counter)}"
-
-
-# -- PostgreSQL -------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def pg_admin() -> str:
-    import psycopg
-
-    try:
-        with psycopg.connect(PG_ADMIN_URL, connect_timeout=3):
-            pass
-    except psycopg.OperationalError as err:
-        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {err}")
-    return PG_ADMIN_URL
-
-
-@pytest.fixture
-def pg_url(pg_admin: str) -> Iterator[str]:
-    """A fresh PostgreSQL database for one test, dropped afterwards."""
-    import psycopg
-    from psycopg import sql
-
-    name = f"slidepipe_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_admin, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    base = pg_admin.rsplit("/", 1)[0]
-    try:
-        yield f"{base}/{name}"
-    finally:
-        with psycopg.connect(pg_admin, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
 
 
 # -- slides -----------------------------------------------------------------------------

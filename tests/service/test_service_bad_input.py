@@ -144,6 +144,10 @@ def test_unknown_model_is_422_before_queueing(
         ({"target_mpp": -1.0}, "target_mpp"),
         ({"target_mpp": 1e9}, "target_mpp"),
         ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": 1025}, "batch_size"),  # the engine's limit (workers.engine.params)
+        ({"tissue_method": "magic"}, "tissue_method"),
+        ({"tissue_working_mpp": 0.05}, "tissue_working_mpp"),
+        ({"read_workers": 4}, "read_workers"),  # server-side, like paths
         ({"window": "hann"}, "window"),
         ({"probability_dtype": "float64"}, "probability_dtype"),
         ({"out_path": "/etc"}, "out_path"),  # server-side fields cannot be set

@@ -20,7 +20,8 @@ import torch
 from models.architectures import build_module
 from models.card import IMAGENET, ClassSpec, ModelCard
 from models.loading import save_weights
-from models.seg_training import FitConfig, PatchDataset, evaluate, fit
+from models.patches import PatchDataset
+from models.seg_training import FitConfig, evaluate, fit
 from models.stain import PSEUDO_CLASSES, PSEUDO_COLORS, stain_pseudo_labels
 from workers.demo.sample_data import fetch_cmu_small_region
 from workers.engine.run import run_engine

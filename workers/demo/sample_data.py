@@ -121,11 +121,11 @@ def _extract(archive: Path, member: str, dest: Path) -> None:
             shutil.copyfileobj(src, out)
     else:
         with tarfile.open(archive) as tf:
-            src = tf.extractfile(member)
-            if src is None:
+            extracted = tf.extractfile(member)
+            if extracted is None:
                 raise SampleDataUnavailable(f"{member} is not a file in {archive.name}")
-            with src, tmp.open("wb") as out:
-                shutil.copyfileobj(src, out)
+            with extracted, tmp.open("wb") as out:
+                shutil.copyfileobj(extracted, out)
     os.replace(tmp, dest)
 
 

@@ -31,7 +31,7 @@ from workers.engine.chunk_writer import BackgroundSink
 from workers.engine.geometry import run_geometry, strip_px
 from workers.engine.heap import reuse_freed_blocks, trim_heap
 from workers.engine.provenance import jsonable, package_versions, utc_now
-from workers.engine.result_layout import STORE_TYPES, ResultLayout
+from workers.engine.result_layout import ResultLayout
 from workers.engine.spec import (
     CancelCheck,
     Progress,
@@ -42,7 +42,7 @@ from workers.engine.spec import (
 )
 from workers.engine.stain_steps import build_stain_step, describe_steps
 from wsi.blending import StreamingMerger, weight_window
-from wsi.errors import InvalidParameter, OutputExists
+from wsi.errors import OutputExists
 from wsi.ome_zarr import ChunkFiles, LabelSpec, ResultWriter
 from wsi.reader import Slide
 from wsi.tile_loader import TileBatchLoader
@@ -53,22 +53,6 @@ log = logging.getLogger(__name__)
 
 THUMBNAIL_PX = 1024
 TISSUE_RGBA = (0, 200, 0, 110)
-
-
-def _validate(spec: RunSpec) -> None:
-    if spec.batch_size is not None and not 1 <= spec.batch_size <= 1024:
-        raise InvalidParameter(f"batch_size must be in [1, 1024], got {spec.batch_size}")
-    if not 64 <= spec.chunk_px <= 4096:
-        raise InvalidParameter(f"chunk_px must be in [64, 4096], got {spec.chunk_px}")
-    if not 1 <= spec.read_workers <= 64:
-        raise InvalidParameter(f"read_workers must be in [1, 64], got {spec.read_workers}")
-    if spec.stain_output and not spec.stain:
-        raise InvalidParameter("stain_output stores a stain step's output: give a stain step")
-    if spec.probability_dtype not in STORE_TYPES:
-        raise InvalidParameter(f"probability_dtype must be one of {', '.join(STORE_TYPES)}, "
-                               f"got {spec.probability_dtype!r}")
-    if spec.target_mpp is not None and not 0 < spec.target_mpp <= 256:
-        raise InvalidParameter(f"target_mpp must be in (0, 256] µm/px, got {spec.target_mpp}")
 
 
 @contextmanager
@@ -145,11 +129,13 @@ def run_engine(
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
 ) -> RunResult:
-    """Run ``spec`` to completion and publish the result at ``spec.out_path``."""
+    """Run ``spec`` to completion and publish the result at ``spec.out_path``.
+
+    ``spec``'s values were checked against :mod:`workers.engine.params` when it was built;
+    the model card's tile geometry is checked here, before any work."""
     report = progress or (lambda _p: None)
     should_stop = cancel or (lambda: False)
     timer = _Timer()
-    _validate(spec)
     started = utc_now()
 
     with timer.stage("open"):
@@ -176,16 +162,16 @@ def run_engine(
         reuse_freed_blocks()  # from here on, batches and chunks recycle the same blocks
         with timer.stage("load_model"):
             loaded = load_model(card, weights=spec.weights)
-            predictor = Predictor(loaded, device=spec.device, tta=spec.tta,
-                                  compile=spec.compile)
-            predictor.check_output_geometry(geometry.tile_px, geometry.output_tile_px)
+            model = Predictor(loaded, device=spec.device, tta=spec.tta, compile=spec.compile)
+            model.check_output_geometry(geometry.tile_px, geometry.output_tile_px)
+        predictor: Predictor | StainedPredictor = model
         stain = None
         if spec.stain:  # a stain step before the model, in the same pass over the tiles
             with timer.stage("stain_fit"):
                 stain = build_stain_step(spec.stain, slide=slide, plan=plan,
                                          model_dir=spec.model_dir, device=spec.device,
                                          reference=spec.stain_reference, mask=mask)
-                predictor = StainedPredictor(stain, predictor, keep_stained=spec.stain_output)
+                predictor = StainedPredictor(stain, model, keep_stained=spec.stain_output)
         # measured on the whole chain: a stain step's network needs GPU memory too
         batch_size = spec.batch_size or auto_batch_size(predictor, predictor.device,
                                                         geometry.tile_px)
@@ -255,7 +241,7 @@ _ABORT = object()  # the producer stopped early: do not finalise
 def _infer(
     spec: RunSpec,
     plan: TilePlan,
-    predictor: Predictor,
+    predictor: Predictor | StainedPredictor,
     layout: ResultLayout,
     batch_size: int,
     report: ProgressCallback,

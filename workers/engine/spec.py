@@ -12,43 +12,51 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-PATH_FIELDS = ("slide_path", "out_path", "weights", "model_dir", "stain_reference")
+from workers.engine.params import ENGINE_PARAMS, check_run_values, default
+
+#: Fields stored as strings in :meth:`RunSpec.to_dict` and turned back into paths.
+PATH_FIELDS: tuple[str, ...] = ("slide_path", "out_path",
+                                *(p.name for p in ENGINE_PARAMS if p.type is Path))
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One slide through one model. ``None`` means "take it from the model card"."""
+    """One slide through one model. ``None`` means "take it from the model card".
+
+    The parameters, their defaults and limits are declared in :mod:`workers.engine.params`
+    (what each one means is its help text there); a spec checks itself on construction,
+    so a bad value fails before any work, whichever door it came in by.
+    """
 
     slide_path: Path
     model: str  # a built-in model name or a path to a model card JSON
     out_path: Path  # the result .zarr directory (written atomically)
-    weights: Path | None = None
-    model_dir: Path | None = None  # where named model folders (<name>/card.json) live
-    target_mpp: float | None = None
-    slide_mpp: float | None = None
-    tile_px: int | None = None
-    overlap_px: int | None = None
-    batch_size: int | None = None  # None: from free GPU memory on CUDA, 8 on CPU
-    compile: bool = False  # torch.compile the model (slower start, faster steady state)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    backend: str = "auto"  # auto | openslide | tiffslide
-    tissue_method: str = "hsv-otsu"  # hsv-otsu | grey-otsu
-    tissue_working_mpp: float = 8.0
-    min_tissue_fraction: float = 0.1
-    window: str = "tent"  # tent | gaussian | constant
-    #: Class-probability maps as uint8 (steps of 1/255), uint16 (1/65535, twice the
-    #: bytes) or float32 (four times); RGB outputs are always uint8.
-    probability_dtype: str = "uint8"
-    chunk_px: int = 512
-    read_workers: int = 2
-    overwrite: bool = False
-    tta: bool = False  # test-time augmentation (flips, 90° rotations) + a variance map
-    #: A stain step run on each tile batch before the model, in the same pass: "macenko"
-    #: or the name/path of a cyclegan model card.
-    stain: str | None = None
-    stain_reference: Path | None = None  # Macenko's reference image or slide (default: built-in H&E)
-    stain_output: bool = False  # also store the stained RGB (image group "stained") in the result
+    weights: Path | None = default("weights")
+    model_dir: Path | None = default("model_dir")
+    target_mpp: float | None = default("target_mpp")
+    slide_mpp: float | None = default("slide_mpp")
+    tile_px: int | None = default("tile_px")
+    overlap_px: int | None = default("overlap_px")
+    batch_size: int | None = default("batch_size")
+    compile: bool = default("compile")
+    device: str = default("device")
+    backend: str = default("backend")
+    tissue_method: str = default("tissue_method")
+    tissue_working_mpp: float = default("tissue_working_mpp")
+    min_tissue_fraction: float = default("min_tissue_fraction")
+    window: str = default("window")
+    probability_dtype: str = default("probability_dtype")
+    chunk_px: int = default("chunk_px")
+    read_workers: int = default("read_workers")
+    overwrite: bool = default("overwrite")
+    tta: bool = default("tta")
+    stain: str | None = default("stain")
+    stain_reference: Path | None = default("stain_reference")
+    stain_output: bool = default("stain_output")
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_run_values(vars(self))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

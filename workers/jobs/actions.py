@@ -10,18 +10,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing import Any
 
 from models.catalogue import resolve_card
 from models.errors import UnknownModel
 from workers.engine.geometry import run_geometry
 from workers.engine.spec import Progress
 from workers.engine.stain_choice import MACENKO, check_stain, stain_kind
-from workers.jobs.store import BatchRow, JobRow, JobStore, SlideRow
+from workers.jobs.params import JobParams
+from workers.jobs.rows import BatchRow, JobRow, SlideRow
+from workers.jobs.store import JobStore
 from wsi.errors import InvalidParameter, SlideMissingMpp
-from wsi.tiling import MAX_TILE_PX
 
 log = logging.getLogger(__name__)
 
@@ -42,53 +41,6 @@ class Conflict(JobsError):
 
 class QueueUnavailable(JobsError, ConnectionError):
     """The broker did not take the job; the job is marked failed, not left queued."""
-
-
-class JobParams(BaseModel):
-    """What a client may set for a run; ``None`` takes the model card's value.
-
-    Ranges are checked here so that absurd values answer 422 before anything is queued;
-    paths, device and overwrite are the server's business and cannot be set.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    target_mpp: float | None = Field(default=None, gt=0, le=256, description="µm/px")
-    slide_mpp: float | None = Field(default=None, gt=0, lt=1000, description="override")
-    tile_px: int | None = Field(default=None, ge=16, le=MAX_TILE_PX)
-    overlap_px: int | None = Field(default=None, ge=0, le=MAX_TILE_PX - 1)
-    batch_size: int | None = Field(
-        default=None, ge=1, le=256,
-        description="tiles per model call (default: from free GPU memory, 8 on CPU)")
-    backend: Literal["auto", "openslide", "tiffslide"] = "auto"
-    tissue_method: Literal["hsv-otsu", "grey-otsu"] = "hsv-otsu"
-    tissue_working_mpp: float = Field(default=8.0, gt=0, le=64)
-    min_tissue_fraction: float = Field(default=0.1, ge=0, le=1)
-    window: Literal["tent", "gaussian", "constant"] = "tent"
-    probability_dtype: Literal["uint8", "uint16", "float32"] = Field(
-        default="uint8", description="class probabilities in steps of 1/255, 1/65535 "
-        "(twice the bytes) or as float32 (four times)")
-    chunk_px: int = Field(default=512, ge=64, le=4096)
-    tta: bool = Field(default=False, description="test-time augmentation + variance map")
-    stain: str | None = Field(
-        default=None, min_length=1, max_length=64,
-        description="stain step before the model, in the same pass: 'macenko' or the name "
-        "of a cyclegan model")
-    stain_reference_slide: str | None = Field(
-        default=None, max_length=64,
-        description="Macenko only: the id of one of your slides whose stain is the target "
-        "(default: the built-in H&E reference)")
-    stain_output: bool = Field(
-        default=False, description="also store the stained RGB (image group 'stained')")
-
-    @model_validator(mode="after")
-    def _overlap_below_tile(self) -> JobParams:
-        if self.tile_px is not None and self.overlap_px is not None:
-            if self.overlap_px >= self.tile_px:
-                raise ValueError(
-                    f"overlap_px ({self.overlap_px}) must be smaller than tile_px ({self.tile_px})"
-                )
-        return self
 
 
 # -- progress as one number -------------------------------------------------------------

@@ -12,167 +12,49 @@ from __future__ import annotations
 
 import enum
 import logging
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import (
-    JSON,
-    BigInteger,
-    Boolean,
-    DateTime,
-    Float,
-    ForeignKey,
-    Integer,
-    String,
-    Text,
-    UniqueConstraint,
     and_,
-    create_engine,
     delete,
-    event,
     func,
     or_,
     select,
     text,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
+
+from workers.jobs.rows import (
+    ACTIVE,
+    TERMINAL,
+    Base,
+    BatchRow,
+    JobRow,
+    JobStatus,
+    Owner,
+    SlideRow,
+    make_engine,
+    new_id,
+    normalise_url,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
 
-class JobStatus(enum.StrEnum):
-    queued = "queued"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
-
-
-TERMINAL: frozenset[str] = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
-ACTIVE: frozenset[str] = frozenset({JobStatus.queued, JobStatus.running})
-
-
-def utcnow() -> datetime:
-    """Naive UTC, the one time format written to the database."""
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
-def as_utc(value: datetime | None) -> datetime | None:
-    """A stored (naive UTC) time as an aware one."""
-    if value is None:
-        return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Owner(Base):
-    __tablename__ = "owners"
-
-    name: Mapped[str] = mapped_column(String(128), primary_key=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
-
-
-class SlideRow(Base):
-    __tablename__ = "slides"
-    __table_args__ = (UniqueConstraint("owner", "sha256", name="uq_slides_owner_sha256"),)
-
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
-    owner: Mapped[str] = mapped_column(ForeignKey("owners.name"), index=True)
-    sha256: Mapped[str] = mapped_column(String(64))
-    filename: Mapped[str] = mapped_column(String(255))
-    size_bytes: Mapped[int] = mapped_column(BigInteger)
-    rel_path: Mapped[str] = mapped_column(String(512))
-    width: Mapped[int] = mapped_column(Integer)
-    height: Mapped[int] = mapped_column(Integer)
-    level_count: Mapped[int] = mapped_column(Integer)
-    level_dimensions: Mapped[list[Any]] = mapped_column(JSON)
-    level_downsamples: Mapped[list[Any]] = mapped_column(JSON)
-    mpp: Mapped[float | None] = mapped_column(Float, nullable=True)
-    vendor: Mapped[str] = mapped_column(String(64))
-    backend: Mapped[str] = mapped_column(String(32))
-    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
-
-
-class BatchRow(Base):
-    __tablename__ = "batches"
-
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
-    owner: Mapped[str] = mapped_column(ForeignKey("owners.name"), index=True)
-    model: Mapped[str] = mapped_column(String(255))
-    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
-
-
-class JobRow(Base):
-    __tablename__ = "jobs"
-
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
-    owner: Mapped[str] = mapped_column(ForeignKey("owners.name"), index=True)
-    slide_id: Mapped[str] = mapped_column(ForeignKey("slides.id", ondelete="CASCADE"), index=True)
-    batch_id: Mapped[str | None] = mapped_column(
-        ForeignKey("batches.id", ondelete="SET NULL"), index=True, nullable=True
-    )
-    model: Mapped[str] = mapped_column(String(255))
-    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued, index=True)
-    stage: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    stage_done: Mapped[int] = mapped_column(Integer, default=0)
-    stage_total: Mapped[int] = mapped_column(Integer, default=0)
-    tiles_done: Mapped[int] = mapped_column(Integer, default=0)
-    tiles_total: Mapped[int] = mapped_column(Integer, default=0)
-    percent: Mapped[float] = mapped_column(Float, default=0.0)
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    claim: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
-    result_rel_path: Mapped[str | None] = mapped_column(String(512), nullable=True)
-    result_info: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
-    started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
-    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
-    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
-
-
-def normalise_url(url: str) -> str:
-    """``postgresql://`` means psycopg 3 here (psycopg2 is not a dependency)."""
-    for prefix in ("postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix) :]
-    return url
-
-
-def make_engine(url: str) -> Engine:
-    """An engine with SQLite set up for several processes (WAL, busy timeout, FKs)."""
-    url = normalise_url(url)
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
-
-        return engine
-    return create_engine(url, pool_pre_ping=True)
+def _rowcount(result: object) -> int:
+    """Rows an UPDATE matched. ``Session.execute`` returns a ``CursorResult`` for DML
+    statements but is typed as returning a plain ``Result``, which has no rowcount."""
+    if not isinstance(result, CursorResult):
+        raise TypeError(f"expected the CursorResult of a DML statement, got {type(result)}")
+    return result.rowcount
 
 
 class ClaimOutcome(enum.StrEnum):
@@ -465,7 +347,7 @@ class JobStore:
             job = s.get(JobRow, job_id, populate_existing=True)
         if job is None:
             return ClaimResult(ClaimOutcome.missing)
-        if result.rowcount == 1 and job.claim == token:
+        if _rowcount(result) == 1 and job.claim == token:
             return ClaimResult(ClaimOutcome.claimed, job)
         if job.status in TERMINAL:
             return ClaimResult(ClaimOutcome.terminal, job)
@@ -482,7 +364,7 @@ class JobStore:
                 update(JobRow).where(self._owned(job_id, token)).values(heartbeat_at=now)
             )
             cancel = s.scalar(select(JobRow.cancel_requested).where(JobRow.id == job_id))
-        return result.rowcount == 1, bool(cancel)
+        return _rowcount(result) == 1, bool(cancel)
 
     def cancel_requested(self, job_id: str) -> bool:
         with self.session() as s:
@@ -516,7 +398,7 @@ class JobStore:
             values["tiles_total"] = tiles_total
         with self.session() as s:
             result = s.execute(update(JobRow).where(self._owned(job_id, token)).values(**values))
-        return result.rowcount == 1
+        return _rowcount(result) == 1
 
     def finish(
         self,
@@ -542,4 +424,4 @@ class JobStore:
             values["result_info"] = result_info
         with self.session() as s:
             result = s.execute(update(JobRow).where(self._owned(job_id, token)).values(**values))
-        return result.rowcount == 1
+        return _rowcount(result) == 1

@@ -29,8 +29,9 @@ from models.errors import ModelError
 from workers.engine.spec import Progress, RunCancelled, RunSpec
 from workers.jobs.actions import progress_percent
 from workers.jobs.celery_app import RUN_JOB_TASK, app
+from workers.jobs.rows import JobRow, JobStatus, SlideRow
 from workers.jobs.settings import Settings, get_settings, result_rel_path
-from workers.jobs.store import ClaimOutcome, JobRow, JobStatus, JobStore, SlideRow
+from workers.jobs.store import ClaimOutcome, JobStore
 from wsi.errors import InvalidParameter, SlideError
 
 log = logging.getLogger(__name__)

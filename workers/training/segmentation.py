@@ -32,16 +32,14 @@ from models.catalogue import BUILTIN_CARDS
 from models.checkpoint import STATE_FILE, WEIGHTS_FILE, has_checkpoint
 from models.errors import ModelCardInvalid
 from models.loading import save_weights
-from models.seg_training import (
-    FitConfig,
-    FitResult,
+from models.patches import (
     PatchDataset,
     TrainingDataInvalid,
-    fit,
     group_split,
     limit_masks,
     masked_area_share,
 )
+from models.seg_training import FitConfig, FitResult, fit
 from workers.training.data import (
     SlideSource,
     find_annotations,
@@ -152,7 +150,7 @@ class TrainSpec:
 class TrainResult:
     out_dir: Path
     card_path: Path
-    data: dict[str, dict[str, int]]
+    data: dict[str, dict[str, Any]]  # "train", "val": PatchDataset.summary() and more
     fit: FitResult
     seconds: float
 
@@ -285,9 +283,10 @@ def run_training(
                      checkpoint_dir=out_dir, resume=resuming, on_step=step_cb, on_eval=eval_cb)
     finally:
         metrics_log.close()
-    data = {"train": {**train.summary(), "with_mask_before_limit": n_masked_all,
-                      "masked_area_share": masked_area_share(train)},
-            "val": val.summary()}
+    data: dict[str, dict[str, Any]] = {
+        "train": {**train.summary(), "with_mask_before_limit": n_masked_all,
+                  "masked_area_share": masked_area_share(train)},
+        "val": dict(val.summary())}
     seconds = round(time.perf_counter() - started, 2)
     summary = {
         "architecture": card.architecture, "card": card.name,
@@ -306,4 +305,5 @@ def run_training(
 def _jsonable(spec: TrainSpec) -> dict[str, Any]:
     data = asdict(spec)
     data["classes"] = [c.name for c in spec.classes]
-    return json.loads(json.dumps(data, default=str))
+    record: dict[str, Any] = json.loads(json.dumps(data, default=str))
+    return record

@@ -44,6 +44,15 @@ def test_errors_are_one_line_messages(tmp_path: Path) -> None:
     assert "SlideUnreadable" in done.stderr and "Traceback" not in done.stderr
     done = _run("run", str(not_a_slide), "--model", "no-such-model", "--out", str(tmp_path / "r.zarr"))
     assert done.returncode == 1 and "unknown model 'no-such-model'" in done.stderr
+    # limits come from workers.engine.params: click refuses a value out of range (usage
+    # error, status 2); RunSpec refuses what click cannot check, in one line
+    done = _run("run", str(not_a_slide), "--model", "identity", "--out", str(tmp_path / "r.zarr"),
+                "--batch-size", "1025")
+    assert done.returncode == 2 and "--batch-size" in done.stderr and "1<=x<=1024" in done.stderr
+    done = _run("run", str(not_a_slide), "--model", "identity", "--out", str(tmp_path / "r.zarr"),
+                "--device", "gpu0")
+    assert done.returncode == 1 and "InvalidParameter: device must match" in done.stderr
+    assert "Traceback" not in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 

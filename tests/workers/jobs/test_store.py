@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from workers.jobs.store import ClaimOutcome, JobStatus, JobStore, SlideRow, new_id
+from workers.jobs.rows import JobStatus, SlideRow, new_id
+from workers.jobs.store import ClaimOutcome, JobStore
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -87,7 +87,14 @@ def test_train_joint_resume_then_run_with_tta(annotated_slides: list[Path], cmu_
             "val_cls_macro_f1"} <= set(rows[-1])
     summary = json.loads((out / "training.json").read_text())
     assert summary["resumed_from_step"] == 2 and summary["steps"] == 4
-    assert summary["spec"]["fit"]["label_bn"] == "masked-running"  # the CLI's default
+    fit = summary["spec"]["fit"]
+    assert (fit["batch_size"], fit["lr"], fit["masked_per_batch"], fit["cls_weight"]) == (
+        4, 1e-3, None, 1.0)
+    # one way to train the joint model (label-only patches in a BatchNorm pass of their
+    # own, the paper's softmax L_cls; tests/models/test_joint.py): no experiment switches
+    assert not {"label_bn", "cls_loss"} & set(fit)
+    gone = CliRunner().invoke(main, [*common, "--steps", "2", "--label-bn", "shared"])
+    assert gone.exit_code == 2 and "No such option '--label-bn'" in gone.output
     train, val = summary["data"]["train"], summary["data"]["val"]
     assert train["groups"] == 1 and val["groups"] == 1  # split by patient (slide)
     assert 0 < train["with_mask"] < train["patches"] == train["with_label"]

@@ -12,13 +12,9 @@ import pytest
 
 from models.card import ClassSpec
 from models.metrics import IGNORE
-from models.seg_training import TrainingDataInvalid
-from workers.training.data import (
-    SlideSource,
-    load_slide_patches,
-    load_tile_folder,
-    read_geojson,
-)
+from models.patches import TrainingDataInvalid
+from workers.training.annotations import read_geojson
+from workers.training.data import SlideSource, load_slide_patches, load_tile_folder
 from workers.training.segmentation import TrainSpec, load_training_data, make_card, parse_classes
 from wsi.pyramid_tiff import write_slide_from_array
 
