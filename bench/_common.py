@@ -74,7 +74,7 @@ def median_of(repeats: int, measure: Callable[[], float]) -> float:
 def real_tissue_slide(size_px: int, flavor: str = "svs") -> Path:
     """Real H&E (cmu_small_region, mirrored) as a JPEG pyramidal slide, cached."""
     from workers.demo.sample_data import fetch_cmu_small_region
-    from wsi.pyramid_tiff import write_slide_from_array
+    from wsi.array_slide import write_slide_from_array
     from wsi.reader import Slide
 
     path = cache_dir() / f"cmu-mirrored-{size_px}.{'svs' if flavor == 'svs' else 'tiff'}"

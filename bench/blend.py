@@ -83,7 +83,8 @@ def image_for(size: int) -> tuple[Path, Path]:
     import numpy as np
 
     from workers.demo.sample_data import fetch_cmu_small_region
-    from wsi.pyramid_tiff import ArraySource, write_pyramidal_tiff
+    from wsi.array_slide import ArraySource
+    from wsi.pyramid_tiff import write_pyramidal_tiff
     from wsi.reader import Slide
 
     npy, slide = cache_dir() / f"blend-{size}.npy", cache_dir() / f"blend-{size}.svs"

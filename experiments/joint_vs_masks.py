@@ -85,7 +85,7 @@ from models.stain import PSEUDO_CLASSES, PSEUDO_COLORS, stain_pseudo_labels
 from workers.demo.sample_data import fetch_cmu_small_region
 from workers.training.data import SlideSource, load_slide_patches
 from workers.training.segmentation import make_card
-from wsi.pyramid_tiff import write_slide_from_array
+from wsi.array_slide import write_slide_from_array
 from wsi.reader import Slide
 
 log = logging.getLogger(__name__)

@@ -71,7 +71,7 @@ from workers.engine.run import run_engine
 from workers.engine.spec import RunSpec
 from workers.training.stain import CardGeometry, train_stain_cyclegan
 from workers.training.stain_data import collect_domain
-from wsi.pyramid_tiff import write_slide_from_array
+from wsi.array_slide import write_slide_from_array
 from wsi.reader import Slide
 
 log = logging.getLogger(__name__)

@@ -66,6 +66,33 @@ ACTIVATED_OUTPUTS = ("probabilities", "tile_scores")
 IMAGENET = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 
+class AnnotatorQuality(BaseModel):
+    """How one annotator of a model's training labels did, per class one-vs-all:
+    sensitivity (alpha), specificity (beta) and spammer score ``(alpha + beta - 1)^2`` (0:
+    its answers ignore the truth), at one ``level`` (pixels of masks, or tile labels),
+    over the ``labelled`` items it labelled (``models.crowd``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128)
+    level: Literal["pixel", "tile"]
+    labelled: int = Field(ge=0)
+    sensitivity: dict[str, float]
+    specificity: dict[str, float]
+    spammer_score: dict[str, float]
+
+
+class CrowdRecord(BaseModel):
+    """The annotators a model was trained from and how their labels were aggregated:
+    ``aggnet`` (their alpha and beta are AggNet's EM estimates) or ``majority`` (alpha and
+    beta of each against the majority vote)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    aggregate: Literal["majority", "aggnet"]
+    annotators: list[AnnotatorQuality]
+
+
 class ModelCard(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -86,6 +113,8 @@ class ModelCard(BaseModel):
     )
     params: dict[str, Any] = Field(default_factory=dict)
     weights: str | None = None  # file name relative to the card's folder
+    #: trained from several annotators: who they were and how reliable (None: one set)
+    crowd: CrowdRecord | None = None
     source: Path | None = Field(default=None, exclude=True)  # where the card was read from
 
     @property
@@ -111,7 +140,10 @@ class ModelCard(BaseModel):
     def save(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / CARD_FILE
-        path.write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
+        data = self.model_dump(mode="json")
+        if data.get("crowd") is None:  # cards of one annotator stay as they were
+            data.pop("crowd", None)
+        path.write_text(json.dumps(data, indent=2) + "\n")
         return path
 
 

@@ -33,3 +33,15 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.slidepipe-installed-*
   touch "$stamp"
 fi
+
+# -- the browser viewer and the export checks (docs/outputs.md) ---------------------------
+# OpenSeadragon from npm (package.json + package-lock.json; node_modules is never committed).
+if [ ! -f node_modules/openseadragon/build/openseadragon/openseadragon.min.js ] \
+   || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  if command -v npm >/dev/null 2>&1; then
+    npm ci --no-audit --no-fund --loglevel=error \
+      || echo "slidepipe setup: npm ci failed; the viewer page will answer 503 until it works" >&2
+  else
+    echo "slidepipe setup: npm not found (apt-get install npm); the viewer needs OpenSeadragon" >&2
+  fi
+fi

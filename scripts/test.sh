@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/setup-test.sh
 . .venv/bin/activate
 ruff check .
 lint-imports --config pyproject.toml

@@ -10,7 +10,9 @@ from importlib import metadata
 from fastapi import FastAPI
 
 from service.errors import install_error_handlers
-from service.routes import health, jobs, models, slides
+from service.limits import BodyLimit
+from service.openapi import install_openapi
+from service.routes import health, jobs, models, outputs, slide_tissue, slides, viewer
 from workers.jobs.settings import Settings, get_settings
 from workers.jobs.store import JobStore
 
@@ -58,8 +60,15 @@ def create_app(
     app.state.settings = settings
     app.state.enqueue = enqueue
     install_error_handlers(app)
-    for router in (health.router, slides.router, models.router, jobs.router):
+    install_openapi(app)  # every error documented as the handlers send it
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # 413 for big JSON
+    for router in (health.router, slides.router, slide_tissue.router, models.router,
+                   jobs.router):
         app.include_router(router)
+    for router in (outputs.router, viewer.router):  # what the pathologist takes away
+        app.include_router(router)
+    app.include_router(viewer.viewer_pages(
+        viewer.service_resolver(settings, lambda: app.state.store), lambda: settings))
     return app
 
 

@@ -11,8 +11,10 @@ import click
 
 from service.cli_engine import COMMANDS as ENGINE_COMMANDS
 from service.cli_engine import setup_logging
+from service.cli_outputs import COMMANDS as OUTPUT_COMMANDS
 from service.cli_service import serve, up, worker
 from service.cli_stain import train_cyclegan
+from service.cli_tissue import COMMANDS as TISSUE_COMMANDS
 from service.cli_train import COMMANDS as TRAIN_COMMANDS
 from service.cli_train import train_group
 
@@ -26,7 +28,8 @@ def main(verbose: bool) -> None:
 
 
 train_group.add_command(train_cyclegan)  # train cyclegan (service.cli_stain)
-for _command in (*ENGINE_COMMANDS, *TRAIN_COMMANDS, serve, worker, up):
+for _command in (*ENGINE_COMMANDS, *TISSUE_COMMANDS, *TRAIN_COMMANDS, *OUTPUT_COMMANDS,
+                 serve, worker, up):
     main.add_command(_command)
 
 

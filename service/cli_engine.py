@@ -87,8 +87,11 @@ def param_option(param: Param) -> Callable[[Callable[..., Any]], Callable[..., A
     spellings), type and limits, default, and help with the unit."""
     unit = f" Unit: {param.unit}." if param.unit else ""
     if param.type is bool:
-        return click.option(param.flag, *param.aliases, param.name, is_flag=True,
-                            default=param.default, help=param.help)
+        # a flag that is on by default needs a way off: --pen-filter/--no-pen-filter
+        flag = f"{param.flag}/--no-{param.flag[2:]}" if param.default else param.flag
+        return click.option(flag, *param.aliases, param.name, is_flag=True,
+                            default=param.default, show_default=bool(param.default),
+                            help=param.help)
     return click.option(param.flag, *param.aliases, param.name, type=_click_type(param),
                         default=param.default, show_default=param.default is not None,
                         envvar=param.envvar, show_envvar=param.envvar is not None,
@@ -128,6 +131,8 @@ def run_command(slide: Path, model: str, out_path: Path, quiet: bool,
         f"wrote {result.out_path} ({result.tiles_total} tiles, classes: "
         f"{', '.join(result.classes)}) in {sum(result.timings_s.values()):.1f}s"
     )
+    for warning in result.warnings:
+        click.secho(f"warning: {warning}", err=True, fg="yellow")
     if export_tiff is not None:
         from wsi.tiff_export import export_rgb_tiff
 
@@ -211,6 +216,43 @@ def models_init(architecture: str, out_dir: Path, classes: tuple[str, ...], name
         except ValueError as err:  # pydantic: a bad name, colour or size
             raise click.ClickException(str(err)) from err
     click.echo(f"wrote {card_path} ({architecture}, {n:,} params, seed {seed})")
+
+
+@models_group.command("show")
+@click.argument("card_ref", metavar="CARD")
+@click.option("--model-dir", type=click.Path(path_type=Path), envvar="SLIDEPIPE_MODEL_DIR")
+@click.option("--json", "as_json", is_flag=True, help="Print the card as JSON.")
+def models_show(card_ref: str, model_dir: Path | None, as_json: bool) -> None:
+    """One model card (a name, a card JSON or its folder): what it runs, and the
+    annotators it was trained from with their sensitivity, specificity and spammer
+    score per class."""
+    from models.card import read_card
+    from models.catalogue import resolve_card
+
+    with user_errors():
+        card = (read_card(Path(card_ref)) if Path(card_ref).exists()
+                else resolve_card(card_ref, model_dir))
+    if as_json:
+        click.echo(json.dumps(card.model_dump(mode="json"), indent=2))
+        return
+    click.echo(f"{card.name} ({card.architecture}) {card.target_mpp:g} µm/px, tile "
+               f"{card.tile_px}/{card.overlap_px}, classes: {', '.join(card.class_names)}")
+    if card.description:
+        click.echo(card.description)
+    if card.params:
+        click.echo(f"params: {json.dumps(card.params)}")
+    if card.crowd is None:
+        click.echo("trained from one set of labels (no annotators recorded)")
+        return
+    click.echo(f"annotators ({card.crowd.aggregate}; per class: sensitivity alpha / "
+               "specificity beta / spammer score S = (alpha + beta - 1)^2, 0 = spammer):")
+    width = max(len(a.name) for a in card.crowd.annotators) if card.crowd.annotators else 4
+    for a in card.crowd.annotators:
+        cells = "  ".join(f"{c} {a.sensitivity[c]:.2f}/{a.specificity[c]:.2f}/"
+                          f"S={a.spammer_score[c]:.2f}" for c in a.sensitivity)
+        mean_s = sum(a.spammer_score.values()) / max(len(a.spammer_score), 1)
+        click.echo(f"  {a.name:<{width}}  {a.level:<5} {a.labelled:>10,} labelled  "
+                   f"mean S {mean_s:.2f}  {cells}")
 
 
 LOCAL_COMMANDS = (run_command, heatmap_command, models_group)

@@ -30,6 +30,8 @@ LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", ""})
 # Seconds each child of ``up`` gets to stop before SIGKILL; 35 s in all. A job still
 # running on the worker is handed back to the queue (acks_late), so killing loses nothing.
 STOP_TIMEOUT_S = {"api": 10.0, "worker": 20.0, "redis": 5.0}
+#: How ``up`` runs Redis: AOF on (no RDB snapshots), so a restart keeps the queue.
+REDIS_PERSISTENCE = ("--save", "", "--appendonly", "yes", "--appendfsync", "everysec")
 
 
 def _setup_logging(level: str) -> None:
@@ -95,7 +97,14 @@ def serve(host: str, port: int, log_level: str) -> None:
             "Set e.g. SLIDEPIPE_API_KEYS='me=some-long-secret'.",
             err=True,
         )
-    uvicorn.run("service.app:app_from_env", factory=True, host=host, port=port, log_level=log_level)
+    from service.shutdown import run_server
+
+    # through run_server: on SIGTERM open event streams close instead of holding the stop
+    run_server(
+        uvicorn.Config(
+            "service.app:app_from_env", factory=True, host=host, port=port, log_level=log_level
+        )
+    )
 
 
 @click.command()
@@ -198,10 +207,9 @@ def start_local_redis(url: str, data_dir: Path) -> subprocess.Popen[bytes]:
         "127.0.0.1",
         "--dir",
         str(redis_dir),
-        "--save",
-        "",
-        "--appendonly",
-        "no",
+        # the queue survives a crash of Redis: an append-only file, fsynced every second
+        # (the reconciler re-queues the last second's jobs, should a crash lose them)
+        *REDIS_PERSISTENCE,
         "--daemonize",
         "no",
     ]

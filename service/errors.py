@@ -9,14 +9,19 @@ layer raises ``NotFound``/``Conflict``/``QueueUnavailable``; uploads raise
 from __future__ import annotations
 
 import logging
+import math
+from http import HTTPStatus
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException
 
 from models.errors import CheckpointUnreadable, ModelCardInvalid, ModelError, UnknownModel
-from service.uploads import UploadRejected
+from service.upload_errors import STORAGE_FULL_ERRNOS, UploadRejected
 from workers.jobs.actions import Conflict, NotFound, QueueUnavailable
 from wsi.errors import (
     InvalidParameter,
@@ -26,6 +31,7 @@ from wsi.errors import (
     SlideMissingMpp,
     SlideUnreadable,
 )
+from wsi.limits import SlideTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,7 @@ STATUS_BY_ERROR: tuple[tuple[type[BaseException], int], ...] = (
     (SlideMissingMpp, 422),
     (InvalidParameter, 422),
     (OutputExists, 409),
+    (SlideTooLarge, 413),  # declares more than the server decodes (a decompression bomb)
     (SlideError, 422),
 )
 
@@ -67,9 +74,22 @@ async def _known_error(_: Request, error: Exception) -> JSONResponse:
     return JSONResponse(_body(error), status_code=code)
 
 
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float spelled as a string: a client may send
+    ``NaN``, ``Infinity`` or ``1e400`` (Python's JSON reads all three), and an error that
+    echoes its input must still be valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)  # 'nan', 'inf', '-inf'
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
+
+
 async def _validation_error(_: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
-    errors = jsonable_encoder(error.errors())
+    errors = finite_json(jsonable_encoder(error.errors()))
     parts = []
     for item in errors:
         where = ".".join(str(p) for p in item.get("loc", ()) if p != "body")
@@ -81,6 +101,56 @@ async def _validation_error(_: Request, error: Exception) -> JSONResponse:
             "errors": errors,
         },
         status_code=422,
+    )
+
+
+async def _http_error(_: Request, error: Exception) -> JSONResponse:
+    """Starlette's and FastAPI's own errors (401, 404 route, 405) in the one JSON shape."""
+    assert isinstance(error, HTTPException)
+    try:
+        kind = HTTPStatus(error.status_code).phrase.replace(" ", "").replace("-", "")
+    except ValueError:
+        kind = "HTTPError"
+    return JSONResponse(
+        {"detail": str(error.detail), "error": kind},
+        status_code=error.status_code,
+        headers=error.headers,
+    )
+
+
+async def _os_error(_: Request, error: Exception) -> JSONResponse:
+    """Storage errors: a full disk is 507, anything else the server's trouble (503)."""
+    assert isinstance(error, OSError)
+    if error.errno in STORAGE_FULL_ERRNOS:
+        log.error("storage full: %s", error)
+        return JSONResponse(
+            {
+                "detail": f"the server's storage is full ({error.strerror or error}); "
+                "try again later",
+                "error": "InsufficientStorage",
+            },
+            status_code=507,
+        )
+    log.error("storage or service error: %r", error)
+    return JSONResponse(
+        {"detail": f"storage or service unavailable: {error}", "error": type(error).__name__},
+        status_code=503,
+    )
+
+
+async def _database_error(_: Request, error: Exception) -> JSONResponse:
+    """The database is full (507) or unreachable (503); never a bare 500."""
+    message = str(getattr(error, "orig", None) or error)
+    if "full" in message.lower():
+        log.error("database full: %s", message)
+        return JSONResponse(
+            {"detail": f"the server's database is full: {message}", "error": "InsufficientStorage"},
+            status_code=507,
+        )
+    log.error("database unavailable: %s", message)
+    return JSONResponse(
+        {"detail": f"the database is unavailable: {message}", "error": "DatabaseUnavailable"},
+        status_code=503,
     )
 
 
@@ -102,4 +172,7 @@ def install_error_handlers(app: FastAPI) -> None:
     ):
         app.add_exception_handler(error_type, _known_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(OSError, _os_error)
+    app.add_exception_handler(OperationalError, _database_error)
     app.add_exception_handler(Exception, _unexpected)

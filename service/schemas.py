@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from workers.jobs.actions import MAX_JOBS_PER_BATCH
 from workers.jobs.params import JobParams
@@ -67,7 +67,20 @@ class JobOut(_FromRow):
     finished_at: datetime | None
     updated_at: datetime
     result_info: dict[str, Any] | None = None
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="what to know about a finished run, e.g. that no tissue was found and "
+        "nothing was analysed (also in result_info.warnings and the result's provenance)",
+    )
     links: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _warnings_from_result(self) -> JobOut:
+        if not self.warnings and self.result_info:
+            found = self.result_info.get("warnings")
+            if isinstance(found, list):
+                self.warnings = [str(w) for w in found]
+        return self
 
 
 class JobList(BaseModel):

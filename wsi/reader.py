@@ -21,6 +21,7 @@ import numpy.typing as npt
 
 from wsi.backends import SlideBackend, open_backend
 from wsi.errors import InvalidParameter, SlideMissingMpp, SlideUnreadable
+from wsi.slide_files import resolve_slide_path
 
 #: Two mpp values closer than this (relative) are the same resolution: no resampling.
 MPP_TOLERANCE = 0.01
@@ -58,9 +59,8 @@ class Slide:
         backend: str = "auto",
         slide_mpp: float | None = None,
     ) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise SlideUnreadable(f"no slide file at {str(self.path)!r}")
+        #: the file opened: ``path`` itself, or the slide's file in a folder (DICOM, MRXS)
+        self.path = resolve_slide_path(Path(path))
         if slide_mpp is not None and not (0 < slide_mpp < 1000):
             raise InvalidParameter(f"slide_mpp must be in (0, 1000) µm/px, got {slide_mpp}")
         self._backend: SlideBackend = open_backend(self.path, backend)

@@ -102,5 +102,5 @@ def export_rgb_tiff(
     return write_pyramidal_tiff(
         out, width=width, height=height, mpp=mpp, tile_source=source,
         downsamples=tuple(downsamples), tile_px=tile_px, compression=compression,
-        quality=quality, flavor=flavor,
+        quality=quality, flavor=flavor, scanscope_id=None,  # a real slide's export
     )

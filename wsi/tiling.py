@@ -168,6 +168,38 @@ def tissue_fractions(
     return fractions
 
 
+def uncovered_tissue_tiles(
+    mask: TissueMask, boxes: npt.NDArray[np.int64], kept: npt.NDArray[np.bool_],
+    candidates: npt.NDArray[np.bool_], target_mpp: float,
+) -> npt.NDArray[np.bool_]:
+    """Which ``candidates`` to keep as well so that every tissue pixel of the mask lies in
+    a kept box: each, in order, when it holds tissue that no kept box covers yet.
+
+    Boxes are (x, y, w, h) on the target grid. A mask pixel counts as covered when a kept
+    box touches it (a box edge inside a mask pixel covers it): at 4 µm/px a sliver under
+    4 µm wide may go uncovered where tiles do not overlap. Memory: one byte per mask pixel.
+    """
+    scale = target_mpp / mask.mpp
+    mh, mw = mask.mask.shape
+    mx0 = np.clip(np.floor(boxes[:, 0] * scale).astype(np.int64), 0, mw)
+    my0 = np.clip(np.floor(boxes[:, 1] * scale).astype(np.int64), 0, mh)
+    mx1 = np.clip(np.ceil((boxes[:, 0] + boxes[:, 2]) * scale).astype(np.int64), 0, mw)
+    my1 = np.clip(np.ceil((boxes[:, 1] + boxes[:, 3]) * scale).astype(np.int64), 0, mh)
+    uncovered = mask.mask.copy()
+    for i in np.flatnonzero(kept):
+        uncovered[my0[i] : my1[i], mx0[i] : mx1[i]] = False
+    added = np.zeros(len(boxes), dtype=bool)
+    todo = np.flatnonzero(candidates & ~kept)
+    # most uncovered tissue first: fewer tiles than row order for the same cover
+    first = [np.count_nonzero(uncovered[my0[i] : my1[i], mx0[i] : mx1[i]]) for i in todo]
+    for i in todo[np.argsort(first, kind="stable")[::-1]]:
+        window = uncovered[my0[i] : my1[i], mx0[i] : mx1[i]]
+        if window.any():
+            added[i] = True
+            window[:] = False
+    return added
+
+
 def plan_tiles(
     *,
     width: int,
@@ -178,13 +210,17 @@ def plan_tiles(
     mask: TissueMask | None,
     min_tissue_fraction: float = 0.1,
     strip_px: int | None = None,
+    cover_all_tissue: bool = False,
 ) -> TilePlan:
     """Lay a grid over a ``width`` x ``height`` target-grid slide and keep tissue tiles.
 
     With ``mask=None`` every tile is kept (tissue fraction reported as 1). Tiles come in
     row-major order, or, with ``strip_px``, in vertical strips about that wide, each
     strip top to bottom: what a streaming merger needs to keep open then depends on
-    the strip's width, not the slide's.
+    the strip's width, not the slide's. With ``cover_all_tissue`` a tile below
+    ``min_tissue_fraction`` is kept too when it holds tissue that no other kept tile
+    covers (a small fragment, the edge of a piece): every tissue pixel is analysed,
+    and the threshold only skips tiles whose tissue their neighbours already hold.
     """
     geometry.validate()
     if width < 1 or height < 1:
@@ -205,15 +241,18 @@ def plan_tiles(
     kept_y = axis_starts(height, n_rows, g)[rows]
     if mask is None:
         fractions = np.ones(len(rows))
+        keep = np.ones(len(rows), dtype=bool)
     else:
         boxes = np.stack([kept_x, kept_y, np.full_like(kept_x, g.kept_px),
                           np.full_like(kept_x, g.kept_px)], axis=1)
         fractions = tissue_fractions(mask, boxes, target_mpp, width, height)
+        keep = (fractions >= min_tissue_fraction) & (fractions > 0)
+        if cover_all_tissue:
+            keep |= uncovered_tissue_tiles(mask, boxes, keep, fractions > 0, target_mpp)
     level0_per_target = target_mpp / slide_mpp
     tiles: list[Tile] = []
-    for r, c, kx, ky, frac in zip(rows, cols, kept_x, kept_y, fractions):
-        if mask is not None and (frac < min_tissue_fraction or frac == 0):
-            continue
+    for r, c, kx, ky, frac in zip(rows[keep], cols[keep], kept_x[keep], kept_y[keep],
+                                  fractions[keep]):
         x, y = int(kx) - g.output_crop_px, int(ky) - g.output_crop_px
         tiles.append(
             Tile(

@@ -23,6 +23,7 @@ from service.schemas import (
     JobList,
     JobOut,
 )
+from service.shutdown import SHUTTING_DOWN
 from workers.jobs import actions as jobs
 from workers.jobs.rows import TERMINAL, JobRow, JobStatus, as_utc
 from workers.jobs.settings import Settings
@@ -33,6 +34,8 @@ from wsi.heatmap import MAX_HEATMAP_PX, render_heatmap_png
 router = APIRouter(tags=["jobs"])
 
 EVENT_KEEPALIVE_S = 15.0
+#: The longest ``result.zarr/<path>`` looked up on disk.
+MAX_RESULT_PATH = 1024
 ZIP_BLOCK_BYTES = 1 << 20
 
 
@@ -85,6 +88,7 @@ def submit_job(
         params=body.parameters,
         batch=False,
         model_dir=settings.model_dir,
+        max_tiles=settings.max_tiles_per_job,
     )
     job = created[0]
     response.headers["Location"] = f"/v1/jobs/{job.id}"
@@ -118,6 +122,7 @@ def submit_batch(
         params=body.parameters,
         batch=True,
         model_dir=settings.model_dir,
+        max_tiles=settings.max_tiles_per_job,
     )
     assert batch is not None
     response.headers["Location"] = f"/v1/batches/{batch.id}"
@@ -216,6 +221,9 @@ async def job_events(
                 yield b": keepalive\n\n"
             await asyncio.sleep(poll_s)
             quiet += poll_s
+            if SHUTTING_DOWN.is_set():  # the server is stopping: the client reconnects
+                yield b": server shutting down\n\n"
+                return
             if await request.is_disconnected():
                 return
             current = await anyio.to_thread.run_sync(store.get_job, owner, job_id)
@@ -325,16 +333,22 @@ def result_zip(
 
 def safe_result_file(root: Path, rel: str) -> Path:
     """``root/rel`` when it names a regular file inside ``root``; NotFound otherwise."""
-    missing = jobs.NotFound(f"no file {rel!r} in this result")
+    missing = jobs.NotFound(f"no file {rel[:200]!r} in this result")
     if not rel or "\x00" in rel or "\\" in rel or rel.startswith("/"):
         raise missing
     parts = rel.split("/")
     if any(part in ("", ".", "..") for part in parts):
         raise missing
-    root = root.resolve()
-    candidate = root.joinpath(*parts).resolve()
-    if not candidate.is_relative_to(root) or not candidate.is_file():
+    # no result file has a longer name: refused before the file system says ENAMETOOLONG
+    if len(rel) > MAX_RESULT_PATH or any(len(part.encode()) > 255 for part in parts):
         raise missing
+    try:
+        root = root.resolve()
+        candidate = root.joinpath(*parts).resolve()
+        if not candidate.is_relative_to(root) or not candidate.is_file():
+            raise missing
+    except OSError as err:  # any other name the file system refuses is no file of ours
+        raise missing from err
     return candidate
 
 
@@ -342,7 +356,10 @@ def safe_result_file(root: Path, rel: str) -> Path:
 @router.get(
     "/v1/jobs/{job_id}/result.zarr/{file_path:path}",
     response_class=FileResponse,
-    responses={404: {"description": "no such file in the result"}},
+    responses={
+        404: {"description": "no such file in the result"},
+        409: {"description": "job not succeeded"},
+    },
 )
 def result_file(
     job_id: str, file_path: str, owner: OwnerDep, store: StoreDep, settings: SettingsDep

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from typing import Annotated
@@ -9,6 +10,7 @@ from typing import Annotated
 import anyio
 from fastapi import APIRouter, Query, Request, Response, status
 
+from service.archives import remove_slide_files
 from service.deps import OwnerDep, SettingsDep, StoreDep
 from service.schemas import SlideList, SlideOut
 from service.uploads import receive_slide
@@ -18,6 +20,7 @@ from workers.jobs.settings import Settings
 from wsi.heatmap import encode_png
 from wsi.reader import Slide
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/slides", tags=["slides"])
 
 UPLOAD_DOC = """Upload one slide, streamed.
@@ -26,6 +29,11 @@ Send either the raw file as the body (`Content-Type: application/octet-stream`, 
 `?filename=`) or a multipart form whose first file part is the slide
 (`curl -F file=@slide.svs`). Uploading the same content again answers 200 with the
 slide already stored; a new slide answers 201.
+
+A slide of several files (a DICOM WSI folder, an MRXS with its data folder) is sent as
+one zip or tar archive (`.tar.gz` too) of its files; members with absolute paths, `..`,
+links or devices are refused (422), and so are archives of too many members or that
+unpack to more than `SLIDEPIPE_MAX_UPLOAD_BYTES` (413).
 """
 
 
@@ -103,10 +111,14 @@ def _thumbnail_png(settings: Settings, slide: SlideRow, max_size: int) -> bytes:
         return cache.read_bytes()
     with Slide(settings.data_dir / slide.rel_path) as reader:
         png = encode_png(reader.thumbnail(max_size))
-    cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_bytes(png)
-    os.replace(tmp, cache)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(png)
+        os.replace(tmp, cache)
+    except OSError as err:  # a full disk costs the cache, not the answer
+        log.warning("thumbnail cache %s not written: %s", cache.name, err)
+        tmp.unlink(missing_ok=True)
     return png
 
 
@@ -127,7 +139,11 @@ async def get_thumbnail(
     return Response(png, media_type="image/png")
 
 
-@router.delete("/{slide_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete(
+    "/{slide_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses={409: {"description": "a job of this slide is queued or running"}},
+)
 def delete_slide(slide_id: str, owner: OwnerDep, store: StoreDep, settings: SettingsDep) -> None:
     """Delete a slide with its jobs and their results; refused while a job still runs."""
     slide = jobs.get_slide(store, owner, slide_id)
@@ -136,7 +152,7 @@ def delete_slide(slide_id: str, owner: OwnerDep, store: StoreDep, settings: Sett
     deleted_jobs = store.delete_slide(owner, slide_id)
     if deleted_jobs is None:
         raise jobs.NotFound(f"slide {slide_id!r} not found")
-    (settings.data_dir / slide.rel_path).unlink(missing_ok=True)
+    remove_slide_files(settings, slide.id, slide.rel_path)  # a file, or an archive's folder
     for thumb in (settings.cache_dir / "thumbnails").glob(f"{slide.id}-*.png"):
         thumb.unlink(missing_ok=True)
     for job in deleted_jobs:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsi.pyramid_tiff import write_slide_from_array
+from wsi.array_slide import write_slide_from_array
 
 
 @pytest.fixture(scope="session")

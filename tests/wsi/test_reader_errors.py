@@ -55,8 +55,8 @@ def test_unopenable_tiff_is_unreadable(unopenable_tiff: Path, backend: str) -> N
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(SlideUnreadable, match="no slide file"):
         Slide(tmp_path / "nope.svs")
-    with pytest.raises(SlideUnreadable, match="no slide file"):
-        Slide(tmp_path)  # a directory is not a slide either
+    with pytest.raises(SlideUnreadable, match="no slide in folder"):
+        Slide(tmp_path)  # a folder without a DICOM series, MRXS or slide file is none
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -195,12 +195,52 @@ def test_tissue_fraction_selects_tiles() -> None:
     assert plan.n_cols == plan.n_rows == 4
 
 
+def test_cover_all_tissue_keeps_only_what_no_other_tile_holds() -> None:
+    """The grid of ``test_tissue_fraction_selects_tiles`` (4 x 4 tiles of 25 x 25 mask px).
+    With ``cover_all_tissue``, column 2 (48% tissue, below 0.5) and a lone 16 µm² speck
+    in tile (3, 3) are kept too: no other tile holds that tissue."""
+    m = np.zeros((100, 100), bool)
+    m[:, :62] = True
+    m[90, 90] = True
+    common = {"width": 400, "height": 400, "target_mpp": 1.0, "slide_mpp": 0.25,
+              "geometry": TileGeometry(tile_px=100), "mask": mask_of(m, 4.0),
+              "min_tissue_fraction": 0.5}
+    plan = plan_tiles(**common)
+    assert len(plan.tiles) == 8
+    plan = plan_tiles(**common, cover_all_tissue=True)
+    assert len(plan.tiles) == 13
+    assert {(t.row, t.col) for t in plan.tiles if t.col >= 2} == {
+        (0, 2), (1, 2), (2, 2), (3, 2), (3, 3)}
+    assert [t.index for t in plan.tiles] == list(range(13))
+
+
+def test_cover_all_tissue_skips_tissue_a_neighbour_holds() -> None:
+    """Overlapping tiles (100 px, overlap 20): tissue in mask columns 0-21 (target
+    0-88) lies wholly in column 0's tile; column 1's tile (from 80) holds 8% of it,
+    below 0.2, and none that column 0 does not: it stays out. Add mask column 30
+    (target 120-124, column 1's alone): column 1 comes in at 12%."""
+    m = np.zeros((100, 100), bool)
+    m[:, :22] = True
+    plan = plan_tiles(width=400, height=400, target_mpp=1.0, slide_mpp=0.25,
+                      geometry=TileGeometry(tile_px=100, overlap_px=20), mask=mask_of(m, 4.0),
+                      min_tissue_fraction=0.2, cover_all_tissue=True)
+    assert {t.col for t in plan.tiles} == {0}
+    assert len(plan.tiles) == plan.n_rows
+    m[:, 30] = True
+    plan = plan_tiles(width=400, height=400, target_mpp=1.0, slide_mpp=0.25,
+                      geometry=TileGeometry(tile_px=100, overlap_px=20), mask=mask_of(m, 4.0),
+                      min_tissue_fraction=0.2, cover_all_tissue=True)
+    assert {t.col for t in plan.tiles} == {0, 1}
+    assert [t.tissue_fraction for t in plan.tiles if t.col == 1][0] == pytest.approx(0.12)
+
+
 def test_plan_on_a_real_mask_matches_the_geometry(rect_svs: BuiltSlide) -> None:
     """Tiles of 256 px at 2 µm/px (512 µm) over rect_svs: each tile's tissue fraction
-    from the mask is within one mask pixel row/column (8 µm of 512 µm per side, so
-    4 x 8/512 = 6.25%) of the fraction computed from the rectangles themselves."""
+    from the mask is within one mask pixel row/column (4 µm of 512 µm per side, so
+    4 x 4/512 = 3.1%; the bound checked is that of the old 8 µm/px, 6.25%) of the
+    fraction computed from the rectangles themselves."""
     with Slide(rect_svs.path) as slide:
-        mask = tissue_mask(slide, TissueParams(min_object_um2=0))
+        mask = tissue_mask(slide, TissueParams(min_fragment_um2=0))
         width, height = slide.scaled_dimensions(2.0)
     assert (width, height) == (2000, 1500)
     g = TileGeometry(tile_px=256)

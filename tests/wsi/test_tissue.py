@@ -2,16 +2,18 @@
 
 ``rect_svs`` (0.5 µm/px) and ``rect_generic_tiff`` (0.25 µm/px) hold the same physical
 layout (``RECT_LAYOUT_UM``): flat H&E-pink/purple rectangles on white glass whose edges
-all lie on the 8 µm grid of the default working resolution, so a perfect mask at
-8 µm/px is exactly the rectangles.
+all lie on the 8 µm grid, so a perfect mask at the default 4 µm/px (and at 8 µm/px) is
+exactly the rectangles. The 80 x 80 µm purple speck is stained tissue: since the
+recall rework (``stain``, 200 µm² fragments) it is kept; dust is told apart by its
+colour, not its size (``tests/wsi/test_tissue_scene.py``).
 
 Tolerance. The mask pipeline changes a right-angled corner and nothing else: a k x k
 median (k = 2r + 1) removes the pixels near a convex corner whose window holds less
-than half tissue (``median_corner_px(r)``: 3 px for the default 40 µm = 5 px), a closing
-with a disc of radius R fills about R^2 (1 - pi/4) px of a concave corner (3.4 px for
-the default 60 µm = 9 px), and JPEG can flip about one edge pixel. So an object with
-``n`` corners must be within ``n * (median + closing + 1)`` px of its true area (A: 4
-corners, 30 px = 1 900 µm² of 960 000 µm², 0.2%). Measured errors are below half that.
+than half tissue (``median_corner_px(r)``: 1 px for the default 12 µm = 3 px at
+4 µm/px), a closing with a disc of radius R fills about R^2 (1 - pi/4) px of a concave
+corner (1.9 px for the default 24 µm = 7 px), and JPEG can flip about one edge pixel.
+So an object with ``n`` corners must be within ``n * (median + closing + 1)`` px of its
+true area (A: 4 corners, 16 px = 250 µm² of 960 000 µm², 0.03%).
 """
 
 from __future__ import annotations
@@ -23,9 +25,19 @@ import numpy as np
 import pytest
 
 from tests.data import RECT_HOLE_UM, BuiltSlide
+from wsi import tissue_stain
 from wsi.errors import InvalidParameter, SlideMissingMpp
 from wsi.reader import Slide
-from wsi.tissue import TissueMask, TissueParams, clean_mask, threshold_tissue, tissue_mask
+from wsi.tissue import (
+    TissueMask,
+    TissueParams,
+    _view_geometry,
+    clean_mask,
+    threshold_tissue,
+    tissue_mask,
+)
+from wsi.tissue_stain import GREY_CODE, LOW_FLOOR, PEN_BIT, pen_regions, stain_code, stain_mask
+from wsi.tissue_view import stain_view
 
 BACKENDS = ("openslide", "tiffslide")
 
@@ -85,51 +97,67 @@ def area(box: tuple[int, int, int, int]) -> float:
 def test_mask_matches_the_rectangles(
     request: pytest.FixtureRequest, name: str, backend: str
 ) -> None:
-    """Default HSV-Otsu: A, B and the frame (hole filled) found; the 6 400 µm² speck
-    is below ``min_object_um2`` = 20 000 µm². Same answer at 0.5 and 0.25 µm/px."""
+    """Default (``stain`` at 4 µm/px): A, B, the frame (hole filled) and the 6 400 µm²
+    speck of stain found. Same answer at 0.5 and 0.25 µm/px."""
     built: BuiltSlide = request.getfixturevalue(name)
     params = TissueParams()
     with Slide(built.path, backend=backend) as slide:
         mask = tissue_mask(slide, params)
-    assert mask.mpp == pytest.approx(8.0)
-    assert mask.mask.shape == (375, 500) and mask.mask.dtype == bool
-    assert_objects(mask, params, [(A, area(A), 4), (B, area(B), 4), (FRAME, area(FRAME), 4)])
-    total = area(A) + area(B) + area(FRAME)
-    assert mask.area_um2 == pytest.approx(total, abs=corner_tolerance_um2(12, mask, params))
+    assert mask.mpp == pytest.approx(4.0)
+    assert mask.mask.shape == (750, 1000) and mask.mask.dtype == bool
+    assert_objects(mask, params, [(A, area(A), 4), (B, area(B), 4), (FRAME, area(FRAME), 4),
+                                  (SPECK, area(SPECK), 4)])
+    total = area(A) + area(B) + area(FRAME) + area(SPECK)
+    assert mask.area_um2 == pytest.approx(total, abs=corner_tolerance_um2(16, mask, params))
+    assert mask.fragments == 4 and mask.findings["pen_um2"] == 0.0
 
 
-def test_grey_otsu_finds_the_same_tissue(rect_svs: BuiltSlide) -> None:
-    params = TissueParams(method="grey-otsu")
+@pytest.mark.parametrize("method", ["grey-otsu", "hsv-otsu"])
+def test_otsu_methods_find_the_same_tissue(rect_svs: BuiltSlide, method: str) -> None:
+    params = TissueParams(method=method)
     with Slide(rect_svs.path) as slide:
         mask = tissue_mask(slide, params)
+    assert_objects(mask, params, [(A, area(A), 4), (B, area(B), 4), (FRAME, area(FRAME), 4),
+                                  (SPECK, area(SPECK), 4)])
+
+
+def test_the_old_default_drops_the_speck(rect_svs: BuiltSlide) -> None:
+    """The parameters before the recall rework (hsv-otsu, 8 µm/px, 20 000 µm² objects)
+    still work as they did: the 6 400 µm² speck goes."""
+    params = TissueParams(method="hsv-otsu", working_mpp=8.0, median_um=40.0,
+                          closing_um=60.0, min_fragment_um2=20_000.0)
+    with Slide(rect_svs.path) as slide:
+        mask = tissue_mask(slide, params)
+    assert mask.mask.shape == (375, 500)
     assert_objects(mask, params, [(A, area(A), 4), (B, area(B), 4), (FRAME, area(FRAME), 4)])
 
 
 def test_working_resolution_changes_pixels_not_micrometres(rect_svs: BuiltSlide) -> None:
-    """At 4 µm/px the mask has 4x the pixels and the same areas in µm²."""
-    params = TissueParams(working_mpp=4.0)
+    """At 8 µm/px the mask has a quarter of the pixels and the same areas in µm²."""
+    params = TissueParams(working_mpp=8.0)
     with Slide(rect_svs.path) as slide:
         mask = tissue_mask(slide, params)
-    assert mask.mpp == pytest.approx(4.0)
-    assert mask.mask.shape == (750, 1000)
-    assert_objects(mask, params, [(A, area(A), 4), (B, area(B), 4), (FRAME, area(FRAME), 4)])
+    assert mask.mpp == pytest.approx(8.0)
+    assert mask.mask.shape == (375, 500)
+    assert_objects(mask, params, [(A, area(A), 4), (B, area(B), 4), (FRAME, area(FRAME), 4),
+                                  (SPECK, area(SPECK), 4)])
 
 
 @pytest.mark.parametrize(
-    ("min_object_um2", "kept"),
+    ("min_fragment_um2", "kept"),
     [
         (0.0, ["A", "B", "FRAME", "SPECK"]),
-        (5_000.0, ["A", "B", "FRAME", "SPECK"]),  # speck 6 400 µm² (5 632 after the median)
+        (5_000.0, ["A", "B", "FRAME", "SPECK"]),  # speck 6 400 µm² (6 336 after the median)
         (7_000.0, ["A", "B", "FRAME"]),
         (400_000.0, ["A", "B"]),  # frame 360 000 µm² goes
         (500_000.0, ["A"]),  # B 480 000 µm² goes
     ],
 )
 def test_small_objects_removed_by_area_in_um2(
-    rect_svs: BuiltSlide, min_object_um2: float, kept: list[str]
+    rect_svs: BuiltSlide, min_fragment_um2: float, kept: list[str]
 ) -> None:
     boxes = {"A": (A, 4), "B": (B, 4), "FRAME": (FRAME, 4), "SPECK": (SPECK, 4)}
-    params = TissueParams(min_object_um2=min_object_um2)
+    params = TissueParams(min_fragment_um2=min_fragment_um2)
     with Slide(rect_svs.path) as slide:
         mask = tissue_mask(slide, params)
     assert_objects(mask, params, [(boxes[k][0], area(boxes[k][0]), boxes[k][1]) for k in kept])
@@ -155,18 +183,20 @@ def test_holes_filled_up_to_max_hole(
     assert bool(centre.all()) is filled
     frame_area = area(FRAME) if filled else area(FRAME) - HOLE_AREA_UM2
     assert_objects(
-        mask, params, [(A, area(A), 4), (B, area(B), 4), (FRAME, frame_area, 4 if filled else 8)]
+        mask, params, [(A, area(A), 4), (B, area(B), 4), (FRAME, frame_area, 4 if filled else 8),
+                       (SPECK, area(SPECK), 4)]
     )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("method", ["hsv-otsu", "grey-otsu"])
+@pytest.mark.parametrize("method", ["stain", "hsv-otsu", "grey-otsu"])
 def test_blank_slide_gives_an_empty_mask(blank_svs: BuiltSlide, backend: str, method: str) -> None:
     with Slide(blank_svs.path, backend=backend) as slide:
         mask = tissue_mask(slide, TissueParams(method=method))
     assert mask.mask.size > 0
     assert not mask.mask.any()
     assert mask.area_um2 == 0.0
+    assert mask.fragments == 0 and mask.describe().startswith("0 mm² of tissue in 0 fragments")
 
 
 def test_real_tissue_same_mask_from_both_backends(tissue_svs: BuiltSlide) -> None:
@@ -184,7 +214,7 @@ def test_mask_needs_mpp(no_mpp_tiff: BuiltSlide) -> None:
         tissue_mask(slide)
     with Slide(no_mpp_tiff.path, slide_mpp=0.5) as slide:
         mask = tissue_mask(slide)
-    assert mask.mpp == pytest.approx(8.0, rel=0.01)
+    assert mask.mpp == pytest.approx(4.0, rel=0.01)
 
 
 def test_threshold_and_clean_on_arrays() -> None:
@@ -195,7 +225,7 @@ def test_threshold_and_clean_on_arrays() -> None:
     for method in ("hsv-otsu", "grey-otsu"):
         raw = threshold_tissue(rgb, method, min_threshold=12)
         assert raw.sum() == 40 * 60 + 4
-    params = TissueParams(median_um=0, closing_um=0, min_object_um2=10 * 64.0)
+    params = TissueParams(median_um=0, closing_um=0, min_fragment_um2=10 * 64.0)
     cleaned = clean_mask(threshold_tissue(rgb, "hsv-otsu", 12), 8.0, params)
     assert cleaned.sum() == 40 * 60  # the 4-px (256 µm²) speck is below 640 µm²
     with pytest.raises(InvalidParameter):
@@ -210,8 +240,10 @@ def test_threshold_and_clean_on_arrays() -> None:
         {"working_mpp": 300.0},
         {"median_um": -1.0},
         {"closing_um": math.nan},
-        {"min_object_um2": math.inf},
+        {"min_fragment_um2": math.inf},
         {"max_hole_um2": -5.0},
+        {"pen_width_um": -1.0},
+        {"min_fragment_um2": math.nan},
         {"min_threshold": -1},
         {"min_threshold": 256},
     ],
@@ -222,3 +254,70 @@ def test_bad_params_raise(rect_svs: BuiltSlide, bad: dict[str, object]) -> None:
         params.validate()
     with Slide(rect_svs.path) as slide, pytest.raises(InvalidParameter):
         tissue_mask(slide, params)
+
+
+def test_stain_code_tells_stain_from_ink_and_dust() -> None:
+    """One pixel of each: stain keeps its chroma; black ink and dust are grey; blue and
+    green ink carry the pen bit; a dark blue-purple nucleus is stain, not ink."""
+    colours = {
+        "glass": ((243, 242, 244), 2),
+        "eosin": ((226, 150, 190), 76),
+        "haematoxylin": ((130, 80, 160), 80),
+        "nucleus": ((45, 43, 81), 38),
+        "black ink": ((38, 38, 44), GREY_CODE),
+        "dust": ((90, 90, 94), GREY_CODE),
+        "blue ink": ((55, 85, 175), PEN_BIT | 120),
+        "green ink": ((45, 135, 95), PEN_BIT | 90),
+    }
+    rgb = np.array([[c for c, _ in colours.values()]], np.uint8)
+    code = stain_code(rgb)[0]
+    assert dict(zip(colours, code.tolist())) == {k: v for k, (_, v) in colours.items()}
+
+
+def test_pen_regions_need_a_stroke_not_scattered_nuclei() -> None:
+    """At 4 µm/px: a 40 µm wide band of pen hue is ink; the same number of pen-hued
+    pixels scattered like nuclei is not."""
+    pen = np.zeros((200, 200), np.uint8)
+    pen[50:60, 20:180] = 255  # 10 px = 40 µm wide, 640 µm long
+    regions = pen_regions(pen, 4.0, 30.0)
+    assert regions is not None and regions[50:60, 20:180].all() and not regions[:40].any()
+    scattered = np.zeros((200, 200), np.uint8)
+    scattered[::3, ::3] = 255
+    assert pen_regions(scattered, 4.0, 30.0) is None
+
+
+def test_the_view_is_decoded_only_where_a_coarse_level_shows_something(
+    rect_svs: BuiltSlide,
+) -> None:
+    """rect_svs (levels at 0.5, 2 and 8 µm/px): the 8 µm/px level is read first and the
+    4 µm/px view decoded only in the blocks near colour. What is skipped is glass, and
+    the mask is the one a whole read gives."""
+    params = TissueParams()
+    with Slide(rect_svs.path) as slide:
+        level, width, height, mpp = _view_geometry(slide, params.working_mpp)
+        whole = slide.read_level_resized(level, width, height, channel=stain_code)
+        part, share = stain_view(slide, level, width, height, mpp)
+        mask = tissue_mask(slide, params)
+    assert 0.2 < share < 0.8 and mask.findings["decoded_share"] == share
+    # nothing a threshold would keep is lost where blocks were skipped (here: white glass)
+    assert int((whole[part == 0] & (PEN_BIT - 1)).max()) < LOW_FLOOR
+    np.testing.assert_array_equal(stain_mask(whole, mpp, params)[0],
+                                  stain_mask(part, mpp, params)[0])
+
+
+def test_islands_give_the_mask_of_one_whole_box(
+    rect_svs: BuiltSlide, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pieces are looked for island by island (the glass between is never labelled); the
+    mask is the one a single box over the whole view gives."""
+    with Slide(rect_svs.path) as slide:
+        level, width, height, mpp = _view_geometry(slide, 4.0)
+        m = np.zeros((height, width), np.uint8)
+        m[100:300, 100:400] = m[100:300, 900:990] = 255  # 3 blocks of 128 px apart
+        assert len(tissue_stain.islands(m, mpp, TissueParams())) == 2
+        by_island = tissue_mask(slide)
+        monkeypatch.setattr(tissue_stain, "islands", lambda m, mpp, params: [
+            ((slice(0, m.shape[0]), slice(0, m.shape[1])), None)])
+        whole = tissue_mask(slide)
+    np.testing.assert_array_equal(by_island.mask, whole.mask)
+    assert by_island.fragments == whole.fragments == 4

@@ -39,7 +39,7 @@ class Param:
     type: type  #: int, float, str, bool or Path
     default: Any
     help: str
-    unit: str = ""  #: "µm/px", "px", "fraction", "tiles", "threads"; "" for the unitless
+    unit: str = ""  #: "µm/px", "µm", "µm²", "px", "fraction", "tiles", "threads"; "" if none
     ge: float | None = None
     gt: float | None = None
     le: float | None = None
@@ -129,12 +129,36 @@ PARAMS: tuple[Param, ...] = (
     Param("device", str, "auto", "auto, cpu, cuda or cuda:N.",
           pattern=r"auto|cpu|cuda(:\d+)?", api=False),
     Param("backend", str, "auto", "Slide reader.", choices=("auto", "openslide", "tiffslide")),
-    Param("tissue_method", str, "hsv-otsu", "Tissue detection; none processes every tile.",
-          choices=("hsv-otsu", "grey-otsu", "none")),
-    Param("tissue_working_mpp", float, 8.0, "Resolution the tissue mask is computed at.",
+    Param("tissue_method", str, "stain",
+          "Tissue detection: stain (chroma with two thresholds, pen ink and dust kept out), "
+          "hsv-otsu (the default until 2026-12), grey-otsu; none processes every tile.",
+          choices=("stain", "hsv-otsu", "grey-otsu", "none")),
+    Param("tissue_working_mpp", float, 4.0, "Resolution the tissue mask is computed at.",
           unit="µm/px", ge=0.1, le=64),
-    Param("min_tissue_fraction", float, 0.1, "Keep tiles with at least this tissue fraction.",
+    Param("min_fragment_um2", float, 200.0,
+          "Smallest piece of tissue kept in the mask (dust is told apart by colour, not size).",
+          unit="µm²", ge=0, le=1e8),
+    Param("max_hole_um2", float, 50_000.0,
+          "Glass enclosed by tissue up to this area counts as tissue.", unit="µm²", ge=0,
+          le=1e9),
+    Param("tissue_median_um", float, 12.0, "Median filter of the tissue mask.", unit="µm",
+          ge=0, le=1000),
+    Param("tissue_closing_um", float, 24.0,
+          "Morphological closing of the tissue mask (joins pieces closer than this).",
+          unit="µm", ge=0, le=1000),
+    Param("pen_filter", bool, True,
+          "stain method: keep pen ink (blue, green, black marker), dust and bubble rims out "
+          "of the tissue mask."),
+    Param("pen_width_um", float, 30.0,
+          "stain method: a blue or green region at least this wide is ink, not tissue.",
+          unit="µm", ge=1, le=5000),
+    Param("min_tissue_fraction", float, 0.1,
+          "Keep tiles with at least this tissue fraction (and, with cover_all_tissue, any "
+          "tile holding tissue no kept tile covers).",
           unit="fraction", ge=0, le=1, aliases=("--min-tissue",)),
+    Param("cover_all_tissue", bool, True,
+          "Analyse every piece of tissue: keep a tile below min_tissue_fraction when it "
+          "holds tissue that no other kept tile covers (a small fragment, a strand)."),
     Param("window", str, "tent", "Blending weight window.",
           choices=("tent", "gaussian", "constant")),
     Param("probability_dtype", str, "uint8",
@@ -166,6 +190,13 @@ PARAMS: tuple[Param, ...] = (
 )
 
 PARAMS_BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}
+#: Run parameters that are ``wsi.tissue.TissueParams`` fields: run name -> field name.
+TISSUE_FIELDS: dict[str, str] = {
+    "tissue_method": "method", "tissue_working_mpp": "working_mpp",
+    "min_fragment_um2": "min_fragment_um2", "max_hole_um2": "max_hole_um2",
+    "tissue_median_um": "median_um", "tissue_closing_um": "closing_um",
+    "pen_filter": "pen_filter", "pen_width_um": "pen_width_um",
+}
 #: The parameters a ``RunSpec`` (and ``slidepipe run``) has.
 ENGINE_PARAMS: tuple[Param, ...] = tuple(p for p in PARAMS if p.engine)
 #: The parameters a REST client may set (``JobParams``).

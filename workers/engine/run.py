@@ -41,6 +41,7 @@ from workers.engine.spec import (
     RunSpec,
 )
 from workers.engine.stain_steps import build_stain_step, describe_steps
+from workers.engine.tissue_report import plan_warnings
 from wsi.blending import StreamingMerger, weight_window
 from wsi.errors import OutputExists
 from wsi.ome_zarr import ChunkFiles, LabelSpec, ResultWriter
@@ -148,7 +149,7 @@ def run_engine(
         target_mpp = slide.grid_mpp(spec.target_mpp or card.target_mpp)
         with timer.stage("tissue"):
             report(Progress("tissue", 0, 1))
-            params = TissueParams(method=spec.tissue_method, working_mpp=spec.tissue_working_mpp)
+            params = TissueParams(**spec.tissue_values())
             mask = tissue_mask(slide, params)
         with timer.stage("plan"):
             report(Progress("plan", 0, 1))
@@ -156,8 +157,12 @@ def run_engine(
             plan = plan_tiles(
                 width=width, height=height, target_mpp=target_mpp, slide_mpp=slide_mpp,
                 geometry=geometry, mask=mask, min_tissue_fraction=spec.min_tissue_fraction,
-                strip_px=strip_px(spec.chunk_px, geometry),
+                strip_px=strip_px(spec.chunk_px, geometry), cover_all_tissue=spec.cover_all_tissue,
             )
+            warnings = plan_warnings(slide.path.name, params, mask, plan,
+                                     spec.min_tissue_fraction)
+            for warning in warnings:
+                log.warning("%s", warning)
         trim_heap()  # the tissue view's bands and the grid's arrays are gone
         reuse_freed_blocks()  # from here on, batches and chunks recycle the same blocks
         with timer.stage("load_model"):
@@ -214,8 +219,10 @@ def run_engine(
                 "name": slide.path.name, "sha256": slide_sha, "dimensions": list(slide.dimensions),
                 "mpp": slide_mpp, "vendor": slide.vendor, "levels": slide.level_count,
             },
-            "tissue": {"mpp": mask.mpp, "area_um2": mask.area_um2, "method": params.method},
+            "tissue": {"mpp": mask.mpp, "area_um2": mask.area_um2, "method": params.method,
+                       "findings": jsonable(mask.findings)},
             "tiles": {"total": len(plan.tiles), "grid": [plan.n_rows, plan.n_cols]},
+            "warnings": warnings,
             "versions": package_versions(),
             "timings_s": timer.timings,
         }
@@ -231,6 +238,7 @@ def run_engine(
         timings_s=timer.timings,
         classes=card.class_names,
         provenance=provenance,
+        warnings=warnings,
     )
 
 

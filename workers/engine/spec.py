@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from workers.engine.params import ENGINE_PARAMS, check_run_values, default
+from workers.engine.params import ENGINE_PARAMS, TISSUE_FIELDS, check_run_values, default
 
 #: Fields stored as strings in :meth:`RunSpec.to_dict` and turned back into paths.
 PATH_FIELDS: tuple[str, ...] = ("slide_path", "out_path",
@@ -43,7 +43,14 @@ class RunSpec:
     backend: str = default("backend")
     tissue_method: str = default("tissue_method")
     tissue_working_mpp: float = default("tissue_working_mpp")
+    min_fragment_um2: float = default("min_fragment_um2")
+    max_hole_um2: float = default("max_hole_um2")
+    tissue_median_um: float = default("tissue_median_um")
+    tissue_closing_um: float = default("tissue_closing_um")
+    pen_filter: bool = default("pen_filter")
+    pen_width_um: float = default("pen_width_um")
     min_tissue_fraction: float = default("min_tissue_fraction")
+    cover_all_tissue: bool = default("cover_all_tissue")
     window: str = default("window")
     probability_dtype: str = default("probability_dtype")
     chunk_px: int = default("chunk_px")
@@ -57,6 +64,10 @@ class RunSpec:
 
     def __post_init__(self) -> None:
         check_run_values(vars(self))
+
+    def tissue_values(self) -> dict[str, Any]:
+        """The ``wsi.tissue.TissueParams`` fields this run sets."""
+        return {field_name: getattr(self, name) for name, field_name in TISSUE_FIELDS.items()}
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -111,3 +122,5 @@ class RunResult:
     timings_s: dict[str, float]
     classes: list[str]
     provenance: dict[str, Any]
+    #: What a person should know about the run (e.g. that no tissue was found).
+    warnings: list[str] = field(default_factory=list)

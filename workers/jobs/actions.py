@@ -12,11 +12,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from models.card import ModelCard
 from models.catalogue import resolve_card
 from models.errors import UnknownModel
 from workers.engine.geometry import run_geometry
 from workers.engine.spec import Progress
 from workers.engine.stain_choice import MACENKO, check_stain, stain_kind
+from workers.jobs.bounds import DEFAULT_MAX_TILES, check_work
 from workers.jobs.params import JobParams
 from workers.jobs.rows import BatchRow, JobRow, SlideRow
 from workers.jobs.store import JobStore
@@ -89,7 +91,16 @@ def check_stain_params(params: JobParams, model_dir: Path | None) -> None:
     check_stain(params.stain, model_dir)
 
 
-def check_slides(store: JobStore, owner: str, slide_ids: Sequence[str], params: JobParams) -> None:
+def check_slides(
+    store: JobStore,
+    owner: str,
+    slide_ids: Sequence[str],
+    params: JobParams,
+    card: ModelCard | None = None,
+    max_tiles: int = DEFAULT_MAX_TILES,
+) -> None:
+    """Each slide exists, is the owner's and has an mpp; with ``card``, the work the job
+    asks of it is within bounds (:mod:`workers.jobs.bounds`)."""
     if not slide_ids:
         raise InvalidParameter("at least one slide id is needed")
     if len(slide_ids) > MAX_JOBS_PER_BATCH:
@@ -105,6 +116,17 @@ def check_slides(store: JobStore, owner: str, slide_ids: Sequence[str], params: 
                 f"slide {slide_id!r} ({slide.filename}) declares no microns-per-pixel; "
                 "pass parameters.slide_mpp with the scanner's resolution"
             )
+        if card is not None:
+            check_work(
+                slide,
+                card,
+                target_mpp=params.target_mpp,
+                slide_mpp=params.slide_mpp,
+                tile_px=params.tile_px,
+                overlap_px=params.overlap_px,
+                tissue_working_mpp=params.tissue_working_mpp,
+                max_tiles=max_tiles,
+            )
 
 
 def submit(
@@ -117,6 +139,7 @@ def submit(
     params: JobParams,
     batch: bool,
     model_dir: Path | None,
+    max_tiles: int = DEFAULT_MAX_TILES,
 ) -> tuple[BatchRow | None, list[JobRow]]:
     """Validate everything, store the jobs, then queue each one.
 
@@ -125,7 +148,7 @@ def submit(
     """
     check_model(model, model_dir)
     check_params(model, params, model_dir)
-    check_slides(store, owner, slide_ids, params)
+    check_slides(store, owner, slide_ids, params, resolve_card(model, model_dir), max_tiles)
     if params.stain_reference_slide is not None:
         get_slide(store, owner, params.stain_reference_slide)  # NotFound for another owner's
     stored_params = params.model_dump(exclude_defaults=False)

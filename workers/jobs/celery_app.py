@@ -4,8 +4,10 @@ Delivery is at-least-once: a task is acknowledged only after it returns
 (``task_acks_late``), a task whose pool process dies is handed back to the queue
 (``task_reject_on_worker_lost``), a worker holds one message at a time
 (``worker_prefetch_multiplier=1``), and a message left unacknowledged by a worker that
-died outright returns to the queue after the Redis visibility timeout. Running a job twice
-is made harmless by the job store's claim (see :mod:`workers.jobs.tasks`).
+died outright returns to the queue after the Redis visibility timeout, and much sooner
+through the reconciler (:mod:`workers.jobs.reconcile`), which also re-queues what a
+restarted broker lost. Running a job twice is made harmless by the job store's claim
+(see :mod:`workers.jobs.tasks`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ def create_celery_app(settings: Settings) -> Celery:
         "slidepipe",
         broker=settings.broker_url,
         backend=settings.effective_result_backend_url,
-        include=["workers.jobs.tasks"],
+        # the task, and the reconciler that re-queues what the broker lost (worker_ready)
+        include=["workers.jobs.tasks", "workers.jobs.reconcile"],
     )
     transport_options = {
         "visibility_timeout": settings.broker_visibility_timeout_s,

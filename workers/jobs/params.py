@@ -18,7 +18,9 @@ from workers.engine.params import API_PARAMS, Param, check_tile_overlap
 class _JobParamsBase(BaseModel):
     """Unknown fields (``out_path``, ``device``...) are errors, not silently dropped."""
 
-    model_config = ConfigDict(extra="forbid")
+    #: NaN and infinities (JSON ``NaN``, ``Infinity``, ``1e400``) are refused as such,
+    #: with "should be a finite number", rather than failing a range check by accident.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _overlap_below_tile(self) -> _JobParamsBase:

@@ -45,9 +45,10 @@ class Settings(BaseSettings):
     api_keys: str = Field(default="", description="owner=key,owner2=key2")
     max_upload_bytes: int = Field(default=20 * 1024**3, gt=0)
     model_dir: Path | None = None
-    #: Seconds before Redis hands a job whose worker vanished (SIGKILL, lost machine) to
-    #: another worker. A job running longer is delivered again too; the job store's
-    #: heartbeat claim makes that copy stand by instead of running the job twice.
+    #: Seconds before Redis hands an unacknowledged message back (a backstop: the
+    #: reconciler resumes a dead worker's job from its stopped heartbeat much sooner). A
+    #: job running longer is delivered again too; that copy finds the live claim, waits
+    #: at most ``stale_after_s`` and drops (docs/robustness.md).
     broker_visibility_timeout_s: float = Field(default=3600, gt=0)
     broker_restore_interval_s: int = Field(default=10, ge=1)
     #: How often a running job proves it is alive; a claim older than
@@ -59,6 +60,28 @@ class Settings(BaseSettings):
     #: How often an event stream (SSE) looks at its job in the store.
     events_poll_s: float = Field(default=0.5, gt=0, le=10)
     worker_device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    # -- the browser viewer (docs/outputs.md) ---------------------------------------------
+    #: Key of the viewer's signed links (an HMAC over job, owner and expiry); default:
+    #: derived from ``api_keys``, so rotating the keys also revokes every link.
+    viewer_link_key: str = Field(default="", repr=False)
+    viewer_link_ttl_s: int = Field(default=3600, ge=60, le=7 * 86400)
+    #: OpenSeadragon's build folder (npm package ``openseadragon``); default: the
+    #: checkout's ``node_modules`` (scripts/setup.sh), or the Docker image's.
+    openseadragon_dir: Path | None = None
+    # -- robustness bounds (docs/robustness.md) ------------------------------------------
+    #: An upload may declare at most this many level-0 pixels, levels, and pixels per
+    #: byte of file (a decompression bomb declares 10^5 and more); checking its pixels
+    #: may take at most ``upload_check_s`` (a bounded number of tiles is decoded).
+    max_slide_pixels: float = Field(default=4e10, gt=0)
+    max_slide_levels: int = Field(default=32, ge=1)
+    max_pixels_per_byte: float = Field(default=5000.0, gt=0)
+    upload_check_s: float = Field(default=10.0, gt=0)
+    #: A job may plan at most this many tiles (before tissue selection).
+    max_tiles_per_job: int = Field(default=1_000_000, ge=1)
+    #: Request bodies other than slide uploads (JSON) above this answer 413.
+    max_body_bytes: int = Field(default=1024**2, ge=1024)
+    #: How often a worker's reconciler re-queues jobs the broker lost (0: never).
+    reconcile_interval_s: float = Field(default=15.0, ge=0)
 
     @field_validator("data_dir")
     @classmethod

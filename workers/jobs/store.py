@@ -10,100 +10,40 @@ both win. Times are stored as naive UTC and handed out as aware UTC.
 
 from __future__ import annotations
 
-import enum
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import timedelta
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import (
-    and_,
     delete,
     func,
-    or_,
     select,
-    text,
     update,
 )
-from sqlalchemy.engine import CursorResult
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
+from workers.jobs.claims import WorkerClaims
 from workers.jobs.rows import (
     ACTIVE,
-    TERMINAL,
-    Base,
     BatchRow,
     JobRow,
     JobStatus,
     Owner,
     SlideRow,
-    make_engine,
     new_id,
-    normalise_url,
     utcnow,
 )
 
 log = logging.getLogger(__name__)
 
 
-def _rowcount(result: object) -> int:
-    """Rows an UPDATE matched. ``Session.execute`` returns a ``CursorResult`` for DML
-    statements but is typed as returning a plain ``Result``, which has no rowcount."""
-    if not isinstance(result, CursorResult):
-        raise TypeError(f"expected the CursorResult of a DML statement, got {type(result)}")
-    return result.rowcount
+class JobStore(WorkerClaims):
+    """Data access for the API and the workers; one instance per process is enough.
 
-
-class ClaimOutcome(enum.StrEnum):
-    claimed = "claimed"  # this worker now runs the job
-    busy = "busy"  # another live worker runs it (a duplicate delivery)
-    terminal = "terminal"  # already succeeded, failed or cancelled: nothing to do
-    missing = "missing"  # no such job (deleted with its slide)
-
-
-@dataclass(frozen=True)
-class ClaimResult:
-    outcome: ClaimOutcome
-    job: JobRow | None = None
-
-
-class JobStore:
-    """Data access for the API and the workers; one instance per process is enough."""
-
-    def __init__(self, url: str, *, create: bool = True) -> None:
-        self.url = normalise_url(url)
-        self.engine = make_engine(self.url)
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        if create:
-            self.create_schema()
-
-    # -- plumbing -----------------------------------------------------------------------
-    def create_schema(self) -> None:
-        """Create missing tables; tolerant of another process doing the same at once."""
-        for attempt in range(3):
-            try:
-                Base.metadata.create_all(self.engine)
-                return
-            except (IntegrityError, ProgrammingError, OperationalError) as err:
-                if attempt == 2:
-                    raise
-                log.info("schema creation raced with another process (%s); retrying", err)
-
-    @contextmanager
-    def session(self) -> Iterator[Session]:
-        with self._sessions() as session, session.begin():
-            yield session
-
-    def ping(self) -> None:
-        """Raise when the database cannot be reached."""
-        with self.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-
-    def dispose(self) -> None:
-        self.engine.dispose()
+    The API's side (owners, slides, batches, jobs) is here; the workers' side (claims,
+    heartbeats, progress, outcome) is :class:`workers.jobs.claims.WorkerClaims`.
+    """
 
     @staticmethod
     def _ensure_owner(session: Session, owner: str) -> None:
@@ -297,131 +237,3 @@ class JobStore:
                 .values(cancel_requested=True, updated_at=now)
             )
         return self.get_job(owner, job_id)
-
-    # -- worker side --------------------------------------------------------------------
-    def claim(self, job_id: str, token: str, worker: str, stale_after_s: float) -> ClaimResult:
-        """Take a job for one run: a queued one, or a running one whose worker went silent.
-
-        A job flagged for cancellation is cancelled here instead of run.
-        """
-        now = utcnow()
-        stale_before = now - timedelta(seconds=stale_after_s)
-        with self.session() as s:
-            s.execute(
-                update(JobRow)
-                .where(
-                    JobRow.id == job_id,
-                    JobRow.cancel_requested.is_(True),
-                    JobRow.status.in_(ACTIVE),
-                    or_(
-                        JobRow.status == "queued",
-                        JobRow.heartbeat_at.is_(None),
-                        JobRow.heartbeat_at < stale_before,
-                    ),
-                )
-                .values(status=JobStatus.cancelled, finished_at=now, updated_at=now, claim=None)
-            )
-            result = s.execute(
-                update(JobRow)
-                .where(
-                    JobRow.id == job_id,
-                    or_(
-                        JobRow.status == "queued",
-                        and_(
-                            JobRow.status == "running",
-                            or_(JobRow.heartbeat_at.is_(None), JobRow.heartbeat_at < stale_before),
-                        ),
-                    ),
-                )
-                .values(
-                    status=JobStatus.running,
-                    claim=token,
-                    worker=worker,
-                    attempts=JobRow.attempts + 1,
-                    started_at=func.coalesce(JobRow.started_at, now),
-                    heartbeat_at=now,
-                    updated_at=now,
-                    error=None,
-                )
-            )
-            job = s.get(JobRow, job_id, populate_existing=True)
-        if job is None:
-            return ClaimResult(ClaimOutcome.missing)
-        if _rowcount(result) == 1 and job.claim == token:
-            return ClaimResult(ClaimOutcome.claimed, job)
-        if job.status in TERMINAL:
-            return ClaimResult(ClaimOutcome.terminal, job)
-        return ClaimResult(ClaimOutcome.busy, job)
-
-    def _owned(self, job_id: str, token: str) -> Any:
-        return and_(JobRow.id == job_id, JobRow.claim == token, JobRow.status == "running")
-
-    def heartbeat(self, job_id: str, token: str) -> tuple[bool, bool]:
-        """Prove the claim alive; returns ``(still_ours, cancel_requested)``."""
-        now = utcnow()
-        with self.session() as s:
-            result = s.execute(
-                update(JobRow).where(self._owned(job_id, token)).values(heartbeat_at=now)
-            )
-            cancel = s.scalar(select(JobRow.cancel_requested).where(JobRow.id == job_id))
-        return _rowcount(result) == 1, bool(cancel)
-
-    def cancel_requested(self, job_id: str) -> bool:
-        with self.session() as s:
-            return bool(s.scalar(select(JobRow.cancel_requested).where(JobRow.id == job_id)))
-
-    def update_progress(
-        self,
-        job_id: str,
-        token: str,
-        *,
-        stage: str,
-        done: int,
-        total: int,
-        percent: float,
-        tiles_done: int | None = None,
-        tiles_total: int | None = None,
-    ) -> bool:
-        """Write one progress report; False when the claim is no longer ours."""
-        now = utcnow()
-        values: dict[str, Any] = {
-            "stage": stage,
-            "stage_done": done,
-            "stage_total": total,
-            "percent": percent,
-            "updated_at": now,
-            "heartbeat_at": now,
-        }
-        if tiles_done is not None:
-            values["tiles_done"] = tiles_done
-        if tiles_total is not None:
-            values["tiles_total"] = tiles_total
-        with self.session() as s:
-            result = s.execute(update(JobRow).where(self._owned(job_id, token)).values(**values))
-        return _rowcount(result) == 1
-
-    def finish(
-        self,
-        job_id: str,
-        token: str,
-        status: JobStatus,
-        *,
-        error: str | None = None,
-        result_rel_path: str | None = None,
-        result_info: dict[str, Any] | None = None,
-    ) -> bool:
-        """End the run this claim owns; False when someone else owns it by now."""
-        now = utcnow()
-        values: dict[str, Any] = {
-            "status": status,
-            "error": error,
-            "finished_at": now,
-            "updated_at": now,
-            "claim": None,
-        }
-        if status == JobStatus.succeeded:
-            values.update(stage="done", percent=100.0, result_rel_path=result_rel_path)
-            values["result_info"] = result_info
-        with self.session() as s:
-            result = s.execute(update(JobRow).where(self._owned(job_id, token)).values(**values))
-        return _rowcount(result) == 1

@@ -4,9 +4,11 @@ The task is thin; :func:`execute_job` does the work and runs without Celery too.
 is *claimed* in the store before it runs (a fresh token per attempt), a heartbeat thread
 keeps the claim alive, and every later write is conditional on that claim, so that a
 message delivered twice (visibility timeout, a worker thought dead) never lets two
-runs both report; a second delivery stands by and takes over only if the first
-worker's heartbeat stops. The engine publishes its result atomically at ``out_path``; the job is
-marked ``succeeded`` only after that, and a failed or cancelled run publishes nothing.
+runs both report; a second delivery waits at most ``stale_after_s`` for the first
+worker's heartbeat to stop, then drops (the reconciler re-queues the job if that worker
+dies later), so a long job never parks idle workers. The engine publishes its result
+atomically at ``out_path``; the job is marked ``succeeded`` only after that, and a
+failed or cancelled run publishes nothing.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from models.errors import ModelError
 from workers.engine.spec import Progress, RunCancelled, RunSpec
 from workers.jobs.actions import progress_percent
 from workers.jobs.celery_app import RUN_JOB_TASK, app
+from workers.jobs.claims import ClaimOutcome
 from workers.jobs.rows import JobRow, JobStatus, SlideRow
 from workers.jobs.settings import Settings, get_settings, result_rel_path
-from workers.jobs.store import ClaimOutcome, JobStore
+from workers.jobs.store import JobStore
 from wsi.errors import InvalidParameter, SlideError
 
 log = logging.getLogger(__name__)
@@ -165,23 +168,32 @@ class _Run:
 def _claim(
     store: JobStore, job_id: str, token: str, worker: str, settings: Settings
 ) -> ClaimOutcome:
-    """Claim the job; while another worker's claim is alive, stand by.
+    """Claim the job; while another worker's claim is alive, wait a little, then drop.
 
     A second delivery of a job (the broker's visibility timeout ran out while the job
-    was still running, or a pool process died) finds the job ``running``. Dropping it
-    would lose the job if its owner dies later (the broker no longer tracks the first
-    delivery), so this delivery waits: it ends when the owner finishes the job, or takes
-    the job over once the owner's heartbeat is older than ``stale_after_s``.
+    was still running, a pool process died, the reconciler re-queued it) finds the job
+    ``running``. It waits at most ``stale_after_s`` (plus one heartbeat): long enough to
+    take over from a pool process that just died, whose heartbeat stops. An owner whose
+    heartbeat stays alive keeps the job, and this delivery is acknowledged and dropped
+    (``busy``): standing by until the end would park this worker for the whole job, and
+    nothing is lost, since the reconciler re-queues the job if its owner dies later.
     """
     announced = False
+    deadline = time.monotonic() + settings.stale_after_s + settings.heartbeat_s
     while True:
         result = store.claim(job_id, token, worker, settings.stale_after_s)
         if result.outcome != ClaimOutcome.busy:
             return result.outcome
-        if not announced:
-            owner = result.job.worker if result.job is not None else "?"
+        owner = result.job.worker if result.job is not None else "?"
+        if time.monotonic() >= deadline:
             log.info(
-                "job %s is running on %s; standing by until it ends or goes silent", job_id, owner
+                "job %s runs on %s, whose heartbeat is alive: this copy is dropped (the "
+                "reconciler re-queues the job if %s dies)", job_id, owner, owner
+            )
+            return ClaimOutcome.busy
+        if not announced:
+            log.info(
+                "job %s is running on %s; waiting to see whether it goes silent", job_id, owner
             )
             announced = True
         time.sleep(min(settings.heartbeat_s, 1.0))
@@ -191,8 +203,6 @@ def execute_job(
     job_id: str, *, store: JobStore, settings: Settings, worker: str | None = None
 ) -> dict[str, Any]:
     """Run one stored job to a terminal state (or leave it to the worker that owns it)."""
-    from workers.engine.run import run_engine  # the engine pulls in torch; import on first use
-
     worker = worker or f"{socket.gethostname()}:{os.getpid()}"
     token = uuid.uuid4().hex
     outcome = _claim(store, job_id, token, worker, settings)
@@ -214,6 +224,11 @@ def execute_job(
                 log.info("job %s: reusing the result already published at %s", job_id, rel)
                 info: dict[str, Any] = {"reused": True}
             else:
+                # the engine pulls in torch: imported on first use, after the claim and
+                # under its heartbeat, so that seconds of importing never look like a
+                # message nobody took (to the reconciler) or a dead run (to other workers)
+                from workers.engine.run import run_engine
+
                 remove_partials(out_path)
                 ref_id = (job.params or {}).get("stain_reference_slide")
                 reference = store.get_slide_any_owner(ref_id) if ref_id else None
@@ -224,6 +239,8 @@ def execute_job(
                     "tiles_inferred": result.tiles_inferred,
                     "timings_s": result.timings_s,
                     "classes": result.classes,
+                    # e.g. that no tissue was found and nothing analysed (never silent)
+                    "warnings": result.warnings,
                 }
         except RunCancelled:
             if run.lost.is_set():

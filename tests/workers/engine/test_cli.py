@@ -13,6 +13,8 @@ import cv2
 import numpy as np
 import zarr
 
+from tests.data import BuiltSlide
+
 SLIDEPIPE = [sys.executable, "-m", "service.cli"]
 
 
@@ -82,3 +84,74 @@ def test_demo_end_to_end(tmp_path: Path, cmu_svs: Path) -> None:
     assert probabilities.shape[0] == 3 and probabilities.any()
     heatmap = cv2.imread(str(tmp_path / "demo" / "cmu_small_region-nuclei.png"))
     assert heatmap is not None and max(heatmap.shape[:2]) == 1024
+
+
+def test_a_slide_without_tissue_says_so(blank_svs: BuiltSlide, tmp_path: Path) -> None:
+    """Glass only: the run succeeds, analyses nothing and says so on stderr, naming the
+    slide, the tissue method and what it found; the result's provenance carries it."""
+    out = tmp_path / "blank.zarr"
+    done = _run("run", str(blank_svs.path), "--model", "identity", "--out", str(out),
+                "--target-mpp", "4", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert "(0 tiles" in done.stdout
+    warning = next(line for line in done.stderr.splitlines() if line.startswith("warning: "))
+    assert "no tissue on 'blank.svs'" in warning and "tissue method 'stain'" in warning
+    assert "0 mm² of tissue in 0 fragments" in warning
+    provenance = zarr.open_group(str(out), mode="r").attrs["slidepipe"]
+    assert provenance["warnings"] == [warning.removeprefix("warning: ")]
+    assert provenance["tiles"]["total"] == 0 and provenance["tissue"]["area_um2"] == 0
+
+
+def test_a_slide_with_tissue_has_no_warning(engine_slides: dict[str, Path], tmp_path: Path
+                                            ) -> None:
+    out = tmp_path / "r.zarr"
+    done = _run("run", str(engine_slides["small"]), "--model", "identity", "--out", str(out),
+                "--target-mpp", "2", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert "warning:" not in done.stderr
+    provenance = zarr.open_group(str(out), mode="r").attrs["slidepipe"]
+    assert provenance["warnings"] == [] and provenance["tiles"]["total"] > 0
+    assert provenance["parameters"]["tissue_method"] == "stain"
+    assert provenance["tissue"]["findings"]["fragments"] >= 1
+
+
+def test_dicom_by_folder_and_by_file(dicom_dir: Path, tmp_path: Path) -> None:
+    """openslide's DICOM WSI, given as its folder or as its volume file: the same result
+    (with --tissue-method none: its 16 x 16 px hold no 200 µm² of tissue)."""
+    results = []
+    for i, given in enumerate([dicom_dir, dicom_dir / "boxes_0.dcm"]):
+        out = tmp_path / f"dicom{i}.zarr"
+        done = _run("run", str(given), "--model", "identity", "--out", str(out),
+                    "--tissue-method", "none", "--quiet")
+        assert done.returncode == 0, done.stderr
+        assert "(1 tiles" in done.stdout and "warning:" not in done.stderr
+        root = zarr.open_group(str(out), mode="r")
+        assert root.attrs["slidepipe"]["slide"]["vendor"] == "dicom"
+        results.append(np.asarray(root["0"]))
+    assert results[0].shape == (3, 16, 16) and results[0].any()
+    np.testing.assert_array_equal(results[0], results[1])
+    done = _run("run", str(dicom_dir), "--model", "identity", "--out", str(tmp_path / "d.zarr"),
+                "--quiet")
+    assert done.returncode == 0 and "warning: no tissue on 'boxes_0.dcm'" in done.stderr
+    done = _run("run", str(tmp_path / "data" / "dicom"), "--model", "identity", "--out",
+                str(tmp_path / "x.zarr"))
+    assert done.returncode == 1 and "no slide file or folder at" in done.stderr
+
+
+def test_tissue_command_draws_the_mask(cmu_svs: Path, blank_svs: BuiltSlide, tmp_path: Path
+                                       ) -> None:
+    png = tmp_path / "mask.png"
+    done = _run("tissue", str(cmu_svs), "--out", str(png), "--max-size", "600")
+    assert done.returncode == 0, done.stderr
+    assert "cmu_small_region.svs: stain at 4 µm/px" in done.stdout
+    assert "in 3 fragments" in done.stdout
+    picture = cv2.imread(str(png))
+    assert picture is not None and picture.shape[0] == 600 + 22  # portrait, caption below
+    green = (picture[..., 1] > 150) & (picture[..., 0] < 60) & (picture[..., 2] < 60)
+    assert green.sum() > 500  # the outline is drawn
+    done = _run("tissue", str(blank_svs.path), "--out", str(tmp_path / "blank.png"))
+    assert done.returncode == 0 and "warning: no tissue on 'blank.svs'" in done.stderr
+    old = _run("tissue", str(cmu_svs), "--out", str(png), "--tissue-method", "hsv-otsu",
+               "--tissue-working-mpp", "8", "--min-fragment-um2", "20000")
+    assert old.returncode == 0, old.stderr
+    assert "hsv-otsu at 8.03 µm/px" in old.stdout and "of tissue in 1 fragment\n" in old.stdout

@@ -26,6 +26,7 @@ from workers.engine.params import (
     PARAMS,
     PARAMS_BY_NAME,
     PLUMBING_FIELDS,
+    TISSUE_FIELDS,
     Param,
     check_value,
 )
@@ -104,6 +105,17 @@ def test_declaration_matches_the_slide_library() -> None:
     assert PARAMS_BY_NAME["backend"].choices == ("auto", *BACKENDS)
     for mpp in _inside(PARAMS_BY_NAME["tissue_working_mpp"]):
         TissueParams(working_mpp=mpp).validate()
+    # the run's tissue parameters are TissueParams' fields, with the same defaults
+    assert set(TISSUE_FIELDS.values()) == {f.name for f in fields(TissueParams)} - {
+        "min_threshold"}
+    for run_name, field_name in TISSUE_FIELDS.items():
+        param = PARAMS_BY_NAME[run_name]
+        assert getattr(TissueParams(), field_name) == param.default, run_name
+        for value in _inside(param) if param.bounded else [param.default]:
+            TissueParams(**{field_name: value}).validate()
+    assert _spec(min_fragment_um2=50.0, pen_filter=False).tissue_values() == {
+        **{f: getattr(TissueParams(), f) for f in TISSUE_FIELDS.values()},
+        "min_fragment_um2": 50.0, "pen_filter": False}
 
 
 def test_params_modules_import_neither_torch_nor_the_slide_stack() -> None:
@@ -225,6 +237,10 @@ def test_run_option_spellings() -> None:
         assert (params["tile_px"], params["overlap_px"]) == (128, 32)
         assert params["min_tissue_fraction"] == 0.25
     assert _parse("--tissue-method", "none", "--chunk-px", "64")["chunk_px"] == 64
+    # flags that are on by default can be turned off
+    assert _parse()["pen_filter"] is True and _parse()["cover_all_tissue"] is True
+    assert _parse("--no-pen-filter", "--no-cover-all-tissue")["pen_filter"] is False
+    assert _parse("--no-cover-all-tissue")["cover_all_tissue"] is False
     with pytest.raises(click.BadParameter, match="1024"):
         _parse("--batch-size", "1025")
 

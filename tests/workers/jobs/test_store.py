@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from workers.jobs.claims import ClaimOutcome
 from workers.jobs.rows import JobStatus, SlideRow, new_id
-from workers.jobs.store import ClaimOutcome, JobStore
+from workers.jobs.store import JobStore
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

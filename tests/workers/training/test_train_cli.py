@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from models.stain import stain_pseudo_labels
 from service.cli import main
-from wsi.pyramid_tiff import write_slide_from_array
+from wsi.array_slide import write_slide_from_array
 
 SLIDEPIPE = [sys.executable, "-m", "service.cli"]
 CLASSES = "background:000000,stroma:F2A0C8,nuclei:3030C0"

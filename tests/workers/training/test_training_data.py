@@ -16,7 +16,7 @@ from models.patches import TrainingDataInvalid
 from workers.training.annotations import read_geojson
 from workers.training.data import SlideSource, load_slide_patches, load_tile_folder
 from workers.training.segmentation import TrainSpec, load_training_data, make_card, parse_classes
-from wsi.pyramid_tiff import write_slide_from_array
+from wsi.array_slide import write_slide_from_array
 
 CLASSES = [ClassSpec(name="background", color="000000"), ClassSpec(name="stroma", color="FF00FF"),
            ClassSpec(name="tumour", color="00FF00")]
