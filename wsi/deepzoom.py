@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import io
 import logging
-import threading
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ from openslide import OpenSlide, OpenSlideError
 from openslide.deepzoom import DeepZoomGenerator
 
 from wsi.errors import InvalidParameter, SlideUnreadable
+from wsi.open_cache import OpenCache
 
 log = logging.getLogger(__name__)
 
@@ -28,27 +27,6 @@ TILE_PX = 254
 OVERLAP = 1
 JPEG_QUALITY = 80
 CACHED_SLIDES = 8
-
-
-class _Generators:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._open: OrderedDict[Path, DeepZoomGenerator] = OrderedDict()
-
-    def get(self, path: Path) -> DeepZoomGenerator:
-        path = Path(path).resolve()
-        with self._lock:
-            found = self._open.get(path)
-            if found is not None:
-                self._open.move_to_end(path)
-                return found
-        generator = DeepZoomGenerator(_open_slide(path), tile_size=TILE_PX, overlap=OVERLAP,
-                                      limit_bounds=False)
-        with self._lock:
-            self._open[path] = generator
-            while len(self._open) > CACHED_SLIDES:
-                self._open.popitem(last=False)
-        return generator
 
 
 def _open_slide(path: Path) -> Any:
@@ -64,7 +42,12 @@ def _open_slide(path: Path) -> Any:
         raise SlideUnreadable(f"cannot open {path.name} for deep zoom: {err}") from err
 
 
-GENERATORS = _Generators()
+def _generator(path: Path) -> DeepZoomGenerator:
+    return DeepZoomGenerator(_open_slide(path), tile_size=TILE_PX, overlap=OVERLAP,
+                             limit_bounds=False)
+
+
+GENERATORS: OpenCache[DeepZoomGenerator] = OpenCache(_generator, CACHED_SLIDES)
 
 
 def dzi_xml(path: Path) -> str:

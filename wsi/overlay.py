@@ -15,8 +15,6 @@ Pixels never computed (class map 0) are transparent in both. Tiles are RGBA PNGs
 from __future__ import annotations
 
 import math
-import threading
-from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ import zarr
 from wsi.errors import InvalidParameter
 from wsi.heatmap import as_uint8
 from wsi.ome_zarr import array_at, json_attrs
+from wsi.open_cache import OpenCache
 from wsi.result_info import CLASSES_LABEL, ResultInfo, read_result_info
 
 TILE_PX = 256
@@ -59,34 +58,17 @@ class OverlayPyramid:
         return math.ceil(self.width / factor), math.ceil(self.height / factor)
 
 
-class _Results:
-    """Open results (root group, metadata, pyramid), kept in a small LRU cache."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._open: OrderedDict[Path, tuple[zarr.Group, ResultInfo, OverlayPyramid]] = (
-            OrderedDict())
-
-    def get(self, path: Path) -> tuple[zarr.Group, ResultInfo, OverlayPyramid]:
-        path = Path(path).resolve()
-        with self._lock:
-            found = self._open.get(path)
-            if found is not None:
-                self._open.move_to_end(path)
-                return found
-        root, info = read_result_info(path)
-        if f"{CLASSES_LABEL}/0" not in root:
-            raise InvalidParameter("this result has no class map to show")
-        levels = len(json_attrs(root)["multiscales"][0]["datasets"])
-        entry = root, info, OverlayPyramid(info.width, info.height, levels)
-        with self._lock:
-            self._open[path] = entry
-            while len(self._open) > CACHED_RESULTS:
-                self._open.popitem(last=False)
-        return entry
+def _open_result(path: Path) -> tuple[zarr.Group, ResultInfo, OverlayPyramid]:
+    """A result's root group, metadata and overlay pyramid."""
+    root, info = read_result_info(path)
+    if f"{CLASSES_LABEL}/0" not in root:
+        raise InvalidParameter("this result has no class map to show")
+    levels = len(json_attrs(root)["multiscales"][0]["datasets"])
+    return root, info, OverlayPyramid(info.width, info.height, levels)
 
 
-RESULTS = _Results()
+RESULTS: OpenCache[tuple[zarr.Group, ResultInfo, OverlayPyramid]] = OpenCache(
+    _open_result, CACHED_RESULTS)
 
 
 def overlay_info(path: Path) -> tuple[ResultInfo, OverlayPyramid]:
