@@ -3,7 +3,7 @@
 
 How the label-only patches of a batch meet BatchNorm (``--label-bn``, :func:`forward_for`):
 
-``masked-running``  the product's way (``models.seg_training.masked_running_forward``):
+``masked-running``  the product's way (``models.seg_passes.masked_running_forward``):
                     two passes, the label-only one normalised by its own batch
                     statistics; only the masked pass updates the running statistics
                     used at inference.
@@ -30,7 +30,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import nn
 
-from models.seg_training import (
+from models.seg_passes import (
     Forward,
     LabelLoss,
     masked_running_forward,

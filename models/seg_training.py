@@ -18,7 +18,8 @@ shift.
 
 Extension point: :func:`fit`'s ``forward`` (a batch through the network) and
 ``label_loss`` (L_cls); the product keeps the defaults above, the experiments build
-their arms with others (``experiments.arms``).
+their arms with others (``experiments.arms``). ``crowd`` (:class:`models.aggnet.AggNet`)
+trains from several annotators' labels, aggregated by AggNet's EM as training goes.
 
 Resumable and deterministic: the batches and augmentations come from one numpy
 generator seeded by ``seed``; its state, torch's, the optimiser's and the step are saved
@@ -32,8 +33,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +43,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
+from models.aggnet import AggNet
 from models.card import ModelCard
 from models.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from models.metrics import IGNORE, classification_metrics, segmentation_metrics
@@ -55,16 +56,16 @@ from models.patches import (
     pixel_class_weights,
 )
 from models.predictor import resolve_device
+from models.seg_passes import (
+    Forward,
+    LabelLoss,
+    masked_running_forward,
+    soft_dice_loss,
+    softmax_label_loss,
+    split_outputs,
+)
 
 log = logging.getLogger(__name__)
-
-#: ``(module, x, k) -> (segmentation logits (N, C, H, W), class logits (N, C) or None)``
-#: of a batch ``x`` whose first ``k`` patches have masks and the rest are label-only.
-Forward = Callable[[nn.Module, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor | None]]
-#: ``(segmentation logits, class logits, labels) -> L_cls`` of the labelled patches of a
-#: batch (class indices ``labels``, (N,) int64).
-LabelLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
 
 def to_tensor(images: Images, card: ModelCard, device: torch.device) -> torch.Tensor:
     """(N, H, W, 3) uint8 patches -> normalised (N, 3, H, W) float32 on ``device``."""
@@ -152,73 +153,6 @@ class _Batches:
         return np.concatenate(parts)
 
 
-def split_outputs(out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A module's output as (segmentation logits, class logits or None)."""
-    if isinstance(out, dict):
-        return out["probabilities"], out.get("tile_scores")
-    return out, None
-
-
-@contextmanager
-def batch_statistics_only(module: nn.Module) -> Iterator[None]:
-    """The training BatchNorm layers of ``module`` normalise by the batch's statistics
-    without updating their running ones, until the block ends."""
-    layers = [m for m in module.modules()
-              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-              and m.track_running_stats]
-    for layer in layers:
-        layer.track_running_stats = False
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.track_running_stats = True
-
-
-def two_pass_forward(module: nn.Module, x: torch.Tensor, split: int,
-                     label_pass: Callable[[nn.Module], AbstractContextManager[Any]],
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``module(x)`` of a batch whose first ``split`` patches have masks, in two passes
-    (masked, then label-only inside ``label_pass(module)``) whose outputs are
-    concatenated; one pass when the batch holds only one of the two."""
-    if not 0 < split < len(x):
-        return split_outputs(module(x))
-    seg_a, cls_a = split_outputs(module(x[:split]))
-    with label_pass(module):
-        seg_b, cls_b = split_outputs(module(x[split:]))
-    cls = None if cls_a is None or cls_b is None else torch.cat([cls_a, cls_b])
-    return torch.cat([seg_a, seg_b]), cls
-
-
-def masked_running_forward(module: nn.Module, x: torch.Tensor,
-                           split: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The product's :data:`Forward`: the label-only patches in a pass of their own,
-    normalised by their batch statistics, which only the masked pass adds to the
-    running statistics used at inference (:func:`batch_statistics_only`)."""
-    return two_pass_forward(module, x, split, batch_statistics_only)
-
-
-def softmax_label_loss(seg_logits: torch.Tensor, cls_logits: torch.Tensor,
-                       labels: torch.Tensor) -> torch.Tensor:
-    """The paper's L_cls (the product's :data:`LabelLoss`): cross-entropy of the
-    classification head's logits over the classes."""
-    return nn.functional.cross_entropy(cls_logits, labels)
-
-
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1 - mean soft Dice over classes present in the batch (ignored pixels excluded)."""
-    probs = logits.softmax(1)
-    valid = (target != IGNORE).unsqueeze(1).float()
-    onehot = nn.functional.one_hot(target.clamp(max=logits.shape[1] - 1), logits.shape[1])
-    onehot = onehot.permute(0, 3, 1, 2).float() * valid
-    probs = probs * valid
-    inter = (probs * onehot).sum((0, 2, 3))
-    denom = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
-    present = onehot.sum((0, 2, 3)) > 0
-    dice = (2 * inter + 1) / (denom + 1)
-    return 1 - dice[present].mean() if present.any() else logits.sum() * 0
-
-
 def _lr_at(config: FitConfig, step: int) -> float:
     if config.lr_schedule == "cosine":
         return config.lr * 0.5 * (1 + math.cos(math.pi * min(step, config.steps) / config.steps))
@@ -238,6 +172,7 @@ def fit(
     on_eval: StepCallback | None = None,
     forward: Forward = masked_running_forward,
     label_loss: LabelLoss = softmax_label_loss,
+    crowd: AggNet | None = None,
 ) -> FitResult:
     """Train ``module`` (built from ``card``) for ``config.steps`` steps in all.
 
@@ -251,6 +186,9 @@ def fit(
     first (default: :func:`masked_running_forward`); ``label_loss`` (a
     :data:`LabelLoss`) is L_cls of the batch's labelled patches (``joint``; default:
     :func:`softmax_label_loss`). Checkpoints do not record them: resume with the same.
+    ``crowd``: L_seg (and ``joint``'s L_cls where patches have several annotators'
+    labels) against AggNet's posteriors instead of ``train``'s (majority-vote) targets;
+    its EM state is checkpointed.
     """
     n_classes = len(card.classes)
     train.check(n_classes)
@@ -277,6 +215,8 @@ def fit(
         optimiser.load_state_dict(state["optimizer"])
         rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
+        if crowd is not None and "crowd" in state:
+            crowd.load_state_dict(state["crowd"])
         if state.get("config") != _config_record(config):
             log.warning("resuming with a changed training configuration: %s -> %s",
                         state.get("config"), _config_record(config))
@@ -290,8 +230,11 @@ def fit(
             group["lr"] = _lr_at(config, step)
         index = batches.sample(rng)
         images, masks = train.images[index], train.masks[index]
+        if crowd is not None:  # the annotators' masks are augmented alike, behind it
+            masks = crowd.batch_masks(index, masks)
         if config.augment:
             images, masks = augment(images, masks, rng)
+        masks, votes = crowd.split_batch(masks, device) if crowd is not None else (masks, None)
         x = to_tensor(images, card, device)
         target = torch.from_numpy(np.ascontiguousarray(masks)).long().to(device)
         has_mask = torch.from_numpy(train.has_mask[index]).to(device)
@@ -300,7 +243,9 @@ def fit(
         record: dict[str, float] = {"step": step + 1, "lr": optimiser.param_groups[0]["lr"]}
         total = seg_logits.sum() * 0
         if has_mask.any() and bool((target[has_mask] != IGNORE).any()):
-            l_seg = seg_loss(seg_logits[has_mask], target[has_mask])
+            l_seg = (seg_loss(seg_logits[has_mask], target[has_mask])
+                     if crowd is None or votes is None
+                     else crowd.seg_loss(seg_logits[has_mask], votes[has_mask]))
             if config.dice_weight > 0:
                 l_seg = l_seg + config.dice_weight * soft_dice_loss(seg_logits[has_mask],
                                                                     target[has_mask])
@@ -312,12 +257,17 @@ def fit(
                 pred, masks[train.has_mask[index]], card.class_names)["mean_dice"]
         labelled = labels >= 0
         if with_labels and cls_logits is not None and labelled.any():
-            l_cls = label_loss(seg_logits[labelled], cls_logits[labelled], labels[labelled])
+            l_cls = (crowd.label_loss(cls_logits[labelled],
+                                      crowd.tile_votes(index, device)[labelled])
+                     if crowd is not None and crowd.has_tile_labels else
+                     label_loss(seg_logits[labelled], cls_logits[labelled], labels[labelled]))
             total = total + config.cls_weight * l_cls
             record["loss_cls"] = l_cls.item()
         optimiser.zero_grad(set_to_none=True)
         torch.autograd.backward(total)
         optimiser.step()
+        if crowd is not None:
+            crowd.step_done(step + 1)
         record["loss"] = total.item()
         history.append(record)
         if on_step is not None:
@@ -338,6 +288,7 @@ def fit(
                 "numpy_rng": rng.bit_generator.state,
                 "torch_rng": torch.get_rng_state(),
                 "config": _config_record(config),
+                **({"crowd": crowd.state_dict()} if crowd is not None else {}),
             })
     module.eval()
     return FitResult(steps=config.steps, resumed_from=start, history=history,

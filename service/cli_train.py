@@ -53,6 +53,10 @@ def train_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--label-rule", callback=lambda _c, _p, v: _floats(v), help="Patch label from a mask: the highest class reaching its minimum fraction, one per class (e.g. 0,0.5,0.15); default: majority."),
         click.option("--mask-fraction", type=float, default=1.0, show_default=True, help="Keep masks on this fraction of the training patches; the rest keep their labels only."),
         click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Share of slides/patients held out for validation."),
+        click.option("--aggregate", type=click.Choice(["majority", "aggnet"]), help="Labels from several annotators (masks/<annotator>/..., <slide stem>.annotators/<annotator>.geojson|.mask.png, or a CSV with an annotator column), aggregated by majority vote or by AggNet's EM inside training."),
+        click.option("--em-every", type=click.IntRange(min=0), default=0, show_default=True, help="--aggregate aggnet: training steps per EM round (one M-step of the annotators' sensitivity and specificity); 0: one epoch (training patches / batch size), as AggNet."),
+        click.option("--gold-annotator", help="--aggregate aggnet: the annotator whose answers are the truth (gold questions)."),
+        click.option("--gold-weight", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="--aggregate aggnet: tau, how far the others' estimates are pulled towards their agreement with the gold annotator."),
         click.option("--steps", type=int, default=1000, show_default=True),
         click.option("--batch-size", type=int, help="Default: 20 (joint), 16 (unet)."),
         click.option("--lr", type=float, help="Adam learning rate. Default: 1e-4 (joint), 1e-3 (unet)."),
@@ -121,6 +125,9 @@ def _run(architecture: str, *, batch_size: int | None, lr: float | None, steps: 
     click.echo(f"wrote {result.card_path} ({result.data['train']['patches']} training patches, "
                f"{result.fit.steps} steps in {result.seconds:.0f}s)"
                + (f"; validation: {shown}" if shown else ""))
+    if spec.aggregate is not None:
+        click.echo(f"annotators ({spec.aggregate}): see `slidepipe models show "
+                   f"{result.card_path}`")
 
 
 @train_group.command("unet")

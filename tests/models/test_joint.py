@@ -28,7 +28,8 @@ from models.patches import (
     patch_label_from_mask,
 )
 from models.predictor import Predictor
-from models.seg_training import FitConfig, evaluate, fit, masked_running_forward, to_tensor
+from models.seg_passes import masked_running_forward
+from models.seg_training import FitConfig, evaluate, fit, to_tensor
 from models.stain import PSEUDO_CLASSES, PSEUDO_COLORS, stain_pseudo_labels
 
 STAIN_CLASSES = [ClassSpec(name=n, color=c) for n, c in zip(PSEUDO_CLASSES, PSEUDO_COLORS)]

@@ -24,7 +24,8 @@ Slides with annotations
 
 A patch's class label is derived from its mask where it has one (see
 ``models.patches.patch_label_from_mask``) unless a CSV gives it. Masks and polygons
-are read by ``workers.training.annotations``.
+are read by ``workers.training.annotations``; labels from several annotators by
+``workers.training.crowd_data``, on the same patch grid (:func:`tissue_patch_boxes`).
 """
 
 from __future__ import annotations
@@ -162,6 +163,49 @@ def read_manifest(path: Path) -> list[SlideSource]:
     return out
 
 
+#: ``(level-0 box (x0, y0, x1, y1), slide size (w0, h0)) -> the patch's mask``
+MaskReader = Callable[[tuple[float, float, float, float], tuple[int, int]], np.ndarray]
+
+
+def annotation_reader(annotations: Path, classes: Sequence[ClassSpec], *, patch_px: int,
+                      fill: int = IGNORE) -> MaskReader:
+    """The masks of patches from a GeoJSON or a label-mask image (read once, here)."""
+    if annotations.suffix.lower() in IMAGE_SUFFIXES:
+        label_image = read_mask_image(annotations, classes)
+
+        def crop(box0: tuple[float, float, float, float], size: tuple[int, int]) -> np.ndarray:
+            m = _crop_label_image(label_image, box0, size, patch_px)
+            if fill != IGNORE:
+                m[m == IGNORE] = fill
+            return m
+
+        return crop
+    polygons = read_geojson(annotations, classes)
+    return lambda box0, _size: rasterize(polygons, box0, (patch_px, patch_px), fill)
+
+
+def tissue_patch_boxes(slide: Slide, *, mpp: float, patch_px: int, stride_px: int,
+                       min_tissue: float, tissue: TissueParams | None = None,
+                       ) -> tuple[float, npt.NDArray[np.int64], float]:
+    """(grid µm/px, boxes (n, 4) x, y, w, h at it of the patches on a ``stride_px`` grid
+    with at least ``min_tissue`` tissue, level-0 pixels per grid pixel)."""
+    grid_mpp = slide.grid_mpp(mpp)
+    width, height = slide.scaled_dimensions(grid_mpp)
+    mask = tissue_mask(slide, tissue or TissueParams())
+    xs = np.arange(0, max(width - patch_px, 0) + 1, stride_px)
+    ys = np.arange(0, max(height - patch_px, 0) + 1, stride_px)
+    boxes = np.array([(x, y, patch_px, patch_px) for y in ys for x in xs], np.int64)
+    if len(boxes):
+        boxes = boxes[tissue_fractions(mask, boxes, grid_mpp, width, height) >= min_tissue]
+    return grid_mpp, boxes.reshape(-1, 4), grid_mpp / slide.mpp
+
+
+def level0_box(box: npt.NDArray[np.int64],
+               to_level0: float) -> tuple[float, float, float, float]:
+    x, y, w, h = (int(v) for v in box)
+    return x * to_level0, y * to_level0, (x + w) * to_level0, (y + h) * to_level0
+
+
 def load_slide_patches(
     source: SlideSource, classes: Sequence[ClassSpec], *, mpp: float, patch_px: int,
     stride_px: int | None = None, min_tissue: float = 0.75, label_rule: LabelRule = None,
@@ -175,38 +219,19 @@ def load_slide_patches(
     if source.annotations is None:
         raise TrainingDataInvalid(f"no annotations for {str(source.slide)!r} (looked for "
                                   f"{source.slide.stem}.geojson / .mask.png beside it)")
-    stride_px = stride_px or patch_px
     fill = IGNORE if unannotated is None else class_index(unannotated, classes)
-    is_mask_image = source.annotations.suffix.lower() in IMAGE_SUFFIXES
-    polygons = None if is_mask_image else read_geojson(source.annotations, classes)
-    label_image = read_mask_image(source.annotations, classes) if is_mask_image else None
+    read_mask = annotation_reader(source.annotations, classes, patch_px=patch_px, fill=fill)
     images, masks, kept = [], [], []
     with Slide(source.slide) as slide:
-        grid_mpp = slide.grid_mpp(mpp)
-        width, height = slide.scaled_dimensions(grid_mpp)
-        w0, h0 = slide.dimensions
-        mask = tissue_mask(slide, tissue or TissueParams())
-        xs = np.arange(0, max(width - patch_px, 0) + 1, stride_px)
-        ys = np.arange(0, max(height - patch_px, 0) + 1, stride_px)
-        boxes = np.array([(x, y, patch_px, patch_px) for y in ys for x in xs], np.int64)
-        if not len(boxes):
-            return _empty(patch_px)
-        keep = tissue_fractions(mask, boxes, grid_mpp, width, height) >= min_tissue
-        to_level0 = grid_mpp / slide.mpp
-        for box in boxes[keep]:
-            x, y = box[:2]
-            box0 = (x * to_level0, y * to_level0, (x + patch_px) * to_level0,
-                    (y + patch_px) * to_level0)
-            if polygons is not None:
-                m = rasterize(polygons, box0, (patch_px, patch_px), fill)
-            else:
-                assert label_image is not None
-                m = _crop_label_image(label_image, box0, (w0, h0), patch_px)
-                if fill != IGNORE:
-                    m[m == IGNORE] = fill
+        grid_mpp, boxes, to_level0 = tissue_patch_boxes(
+            slide, mpp=mpp, patch_px=patch_px, stride_px=stride_px or patch_px,
+            min_tissue=min_tissue, tissue=tissue)
+        for box in boxes:
+            m = read_mask(level0_box(box, to_level0), slide.dimensions)
             if (m == IGNORE).all():
                 continue
-            images.append(slide.read_scaled(grid_mpp, int(x), int(y), patch_px, patch_px))
+            images.append(slide.read_scaled(grid_mpp, int(box[0]), int(box[1]), patch_px,
+                                            patch_px))
             masks.append(m)
             kept.append(box)
     if not images:

@@ -8,12 +8,20 @@ the card and the module, trains (``models.seg_training.fit``) and leaves in ``ou
     checkpoint.pt                    optimiser/step/RNG state, for --resume
     metrics.jsonl                    one JSON object per step ("train") and evaluation ("val")
     training.json                    data summary, configuration, final metrics
+                                     (and, with several annotators, their alpha/beta/S)
+
+With ``TrainSpec.aggregate`` the data come from several annotators
+(``workers.training.crowd_data``): ``majority`` trains on their majority vote, ``aggnet``
+on AggNet's EM aggregation of their labels inside training (``models.aggnet.AggNet``);
+either way the card's ``crowd`` and ``training.json`` record each annotator's
+sensitivity, specificity and spammer score.
 
 :func:`init_model` writes a card with freshly initialised weights (``slidepipe models init``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -26,12 +34,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.aggnet import AggNet, majority_report
 from models.architectures import build_module, count_parameters
-from models.card import CARD_FILE, ClassSpec, ModelCard, read_card
+from models.card import CARD_FILE, ClassSpec, CrowdRecord, ModelCard, read_card
 from models.catalogue import BUILTIN_CARDS
 from models.checkpoint import STATE_FILE, WEIGHTS_FILE, has_checkpoint
+from models.crowd import CrowdLabels, labelled_patches
 from models.errors import ModelCardInvalid
 from models.loading import save_weights
+from models.metrics import IGNORE
 from models.patches import (
     PatchDataset,
     TrainingDataInvalid,
@@ -39,7 +50,8 @@ from models.patches import (
     limit_masks,
     masked_area_share,
 )
-from models.seg_training import FitConfig, FitResult, fit
+from models.seg_training import FitConfig, FitResult, fit, uses_labels
+from workers.training.crowd_data import load_crowd_sources
 from workers.training.data import (
     SlideSource,
     find_annotations,
@@ -142,6 +154,11 @@ class TrainSpec:
     encoder: str | None = None
     classifier: str | None = None  # joint: "head" (the paper's) or "max" (the authors' code)
     fit: FitConfig = field(default_factory=FitConfig)
+    #: several annotators (``workers.training.crowd_data``): "majority" or "aggnet"
+    aggregate: str | None = None
+    em_every: int = 0  # aggnet: steps per EM round (one M-step); 0: one epoch
+    gold_annotator: str | None = None  # aggnet: whose answers are the truth
+    gold_weight: float = 0.5  # aggnet: tau, the pull towards agreement with the gold
     resume: bool = False
     overwrite: bool = False
 
@@ -182,18 +199,56 @@ def load_training_data(spec: TrainSpec, card: ModelCard,
     if not parts:
         raise TrainingDataInvalid("no training data: pass --tiles, --slides or --manifest")
     data = PatchDataset.concat(parts)
-    split = np.concatenate(splits)
     if not len(data):
         raise TrainingDataInvalid("the training data hold no usable patch")
+    train_idx, val_idx = split_indices(data, np.concatenate(splits), spec)
+    return data.subset(train_idx), data.subset(val_idx)
+
+
+def split_indices(data: PatchDataset, split: np.ndarray,
+                  spec: TrainSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) indices: a manifest's ``split`` column decides where it gives
+    one (``"train"``/``"val"``); whole groups of the rest go by ``spec.val_fraction``."""
     fixed_val, fixed_train = split == "val", split == "train"
     free = np.flatnonzero(~fixed_val & ~fixed_train)
     if fixed_val.any():  # a manifest decides; the rest trains
-        train_idx, val_idx = np.flatnonzero(~fixed_val), np.flatnonzero(fixed_val)
-    else:
-        tr, va = group_split(data.groups[free], spec.val_fraction, spec.fit.seed)
-        train_idx = np.concatenate([np.flatnonzero(fixed_train), free[tr]])
-        val_idx = free[va]
-    return data.subset(train_idx), data.subset(val_idx)
+        return np.flatnonzero(~fixed_val), np.flatnonzero(fixed_val)
+    tr, va = group_split(data.groups[free], spec.val_fraction, spec.fit.seed)
+    return np.concatenate([np.flatnonzero(fixed_train), free[tr]]), free[va]
+
+
+def load_crowd_training_data(spec: TrainSpec, card: ModelCard,
+                             ) -> tuple[PatchDataset, PatchDataset, CrowdLabels]:
+    """(train, validation, the training patches' annotators) of ``spec``'s sources
+    read as several annotators' labels; train and validation hold the majority vote."""
+    if spec.labels_csv is not None and not spec.tiles:
+        raise TrainingDataInvalid("a labels CSV belongs to a tile folder: pass --tiles too")
+    sources = [SlideSource(Path(s)) for s in spec.slides]
+    if spec.manifest is not None:
+        sources += read_manifest(spec.manifest)
+    data, crowd, split = load_crowd_sources(
+        card.classes, tiles=spec.tiles, labels_csv=spec.labels_csv, slides=sources,
+        tile_px=card.tile_px, mpp=card.target_mpp, stride_px=spec.stride_px,
+        min_tissue=spec.min_tissue, label_rule=list(spec.label_rule) if spec.label_rule else None,
+        unannotated=spec.unannotated)
+    train_idx, val_idx = split_indices(data, split, spec)
+    return data.subset(train_idx), data.subset(val_idx), crowd.subset(train_idx)
+
+
+def aggnet_for(spec: TrainSpec, card: ModelCard, train: PatchDataset,
+               crowd: CrowdLabels | None) -> tuple[PatchDataset, AggNet | None]:
+    """``--aggregate aggnet``: the EM over ``crowd``, and ``train`` with every patch an
+    annotator labelled counted as labelled (a tie of the vote too: AggNet reads the
+    votes). The masks ``--mask-fraction`` dropped go for every annotator."""
+    if crowd is None or spec.aggregate != "aggnet":
+        return train, None
+    crowd.masks[~train.has_mask] = IGNORE
+    train = dataclasses.replace(train, labels=labelled_patches(train.labels, crowd,
+                                                               len(card.classes)))
+    epoch = max(1, math.ceil(len(train) / spec.fit.batch_size))
+    return train, AggNet(crowd, len(card.classes), em_every=spec.em_every or epoch,
+                         gold=spec.gold_annotator, gold_weight=spec.gold_weight,
+                         balanced=spec.fit.class_weights == "balanced")
 
 
 class MetricsLog:
@@ -257,9 +312,19 @@ def run_training(
             classifier=spec.classifier,
             description=(f"{spec.architecture} trained by slidepipe train (seed "
                          f"{spec.fit.seed}, {spec.fit.steps} steps); see training.json."))
-    train, val = load_training_data(spec, card, progress=on_data)
+    if spec.aggregate not in (None, "majority", "aggnet"):
+        raise ValueError(f"aggregate must be majority or aggnet, got {spec.aggregate!r}")
+    if spec.aggregate == "aggnet" and spec.fit.dice_weight > 0:
+        raise ValueError("--dice-weight compares with the majority vote: it does not "
+                         "combine with --aggregate aggnet")
+    crowd: CrowdLabels | None = None
+    if spec.aggregate is None:
+        train, val = load_training_data(spec, card, progress=on_data)
+    else:
+        train, val, crowd = load_crowd_training_data(spec, card)
     n_masked_all = int(train.has_mask.sum())
     train = limit_masks(train, spec.mask_fraction, spec.fit.seed)
+    train, aggnet = aggnet_for(spec, card, train, crowd)
     log.info("training %s on %s, validating on %s", card.name, train.summary(), val.summary())
     torch.manual_seed(spec.fit.seed)
     module = build_module(card)
@@ -280,9 +345,19 @@ def run_training(
         if not resuming:  # a card from the start, so a partial run is already loadable
             card.save(out_dir)
         result = fit(module, card, train, spec.fit, val=val if len(val) else None,
-                     checkpoint_dir=out_dir, resume=resuming, on_step=step_cb, on_eval=eval_cb)
+                     checkpoint_dir=out_dir, resume=resuming, on_step=step_cb, on_eval=eval_cb,
+                     crowd=aggnet)
     finally:
         metrics_log.close()
+    crowd_record = None
+    if crowd is not None and spec.aggregate is not None:
+        levels = ("pixel", "tile") if uses_labels(card) else ("pixel",)
+        rows = (aggnet.report(card.class_names, levels) if aggnet is not None
+                else majority_report(crowd, card.class_names, levels=levels))
+        crowd_record = CrowdRecord.model_validate({"aggregate": spec.aggregate,
+                                                   "annotators": rows})
+        card = card.model_copy(update={"crowd": crowd_record, "weights": WEIGHTS_FILE})
+        card.save(out_dir)
     data: dict[str, dict[str, Any]] = {
         "train": {**train.summary(), "with_mask_before_limit": n_masked_all,
                   "masked_area_share": masked_area_share(train)},
@@ -296,6 +371,11 @@ def run_training(
         "resumed_from_step": result.resumed_from, "steps": result.steps,
         "final_train": result.history[-1] if result.history else None,
         "final_val": result.last_eval, "weights_sha256": result.weights_sha256,
+        "crowd": None if crowd is None or crowd_record is None else {
+            **crowd_record.model_dump(mode="json"), "labels": crowd.summary(),
+            "em_rounds": aggnet.rounds if aggnet is not None else None,
+            "em_every": aggnet.em_every if aggnet is not None else None,
+            "validation_against": "majority vote"},
         "seconds": seconds,
     }
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
