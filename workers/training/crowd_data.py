@@ -43,12 +43,10 @@ from workers.training.data import (
     GROUP_COLUMNS,
     LabelRule,
     SlideSource,
+    annotated_patches,
     annotation_reader,
-    level0_box,
-    tissue_patch_boxes,
 )
 from wsi.images import IMAGE_SUFFIXES, read_rgb_image
-from wsi.reader import Slide
 from wsi.tissue import TissueParams
 
 log = logging.getLogger(__name__)
@@ -194,20 +192,14 @@ def load_crowd_slide(
     fill = IGNORE if unannotated is None else class_index(unannotated, classes)
     readers = [annotation_reader(files[a], classes, patch_px=patch_px, fill=fill)
                for a in annotators]
-    images, masks, kept = [], [], []
-    with Slide(source.slide) as slide:
-        grid_mpp, boxes, to_level0 = tissue_patch_boxes(
-            slide, mpp=mpp, patch_px=patch_px, stride_px=stride_px or patch_px,
-            min_tissue=min_tissue, tissue=tissue)
-        for box in boxes:
-            box0 = level0_box(box, to_level0)
-            stack = np.stack([read(box0, slide.dimensions) for read in readers], axis=-1)
-            if (stack == IGNORE).all():
-                continue
-            images.append(slide.read_scaled(grid_mpp, int(box[0]), int(box[1]), patch_px,
-                                            patch_px))
-            masks.append(stack)
-            kept.append(box)
+
+    def read_all(box0: tuple[float, float, float, float],
+                 dims: tuple[int, int]) -> npt.NDArray[np.uint8]:
+        return np.stack([read(box0, dims) for read in readers], axis=-1)
+
+    _, images, masks, kept = annotated_patches(
+        source.slide, read_all, mpp=mpp, patch_px=patch_px, stride_px=stride_px,
+        min_tissue=min_tissue, tissue=tissue)
     n = len(images)
     log.info("%s: %d patches labelled by %d annotators", source.slide.name, n, len(annotators))
     empty = (0, patch_px, patch_px)

@@ -206,6 +206,29 @@ def level0_box(box: npt.NDArray[np.int64],
     return x * to_level0, y * to_level0, (x + w) * to_level0, (y + h) * to_level0
 
 
+def annotated_patches(
+    slide_path: Path, read_mask: MaskReader, *, mpp: float, patch_px: int,
+    stride_px: int | None, min_tissue: float, tissue: TissueParams | None,
+) -> tuple[float, list[npt.NDArray[np.uint8]], list[npt.NDArray[np.uint8]],
+           list[npt.NDArray[np.int64]]]:
+    """The grid's mpp, and the patches on the slide's tissue grid whose mask labels at
+    least one pixel: their pixels, masks and boxes (grid pixels)."""
+    images, masks, kept = [], [], []
+    with Slide(slide_path) as slide:
+        grid_mpp, boxes, to_level0 = tissue_patch_boxes(
+            slide, mpp=mpp, patch_px=patch_px, stride_px=stride_px or patch_px,
+            min_tissue=min_tissue, tissue=tissue)
+        for box in boxes:
+            m = read_mask(level0_box(box, to_level0), slide.dimensions)
+            if (m == IGNORE).all():
+                continue
+            images.append(slide.read_scaled(grid_mpp, int(box[0]), int(box[1]), patch_px,
+                                            patch_px))
+            masks.append(m)
+            kept.append(box)
+    return grid_mpp, images, masks, kept
+
+
 def load_slide_patches(
     source: SlideSource, classes: Sequence[ClassSpec], *, mpp: float, patch_px: int,
     stride_px: int | None = None, min_tissue: float = 0.75, label_rule: LabelRule = None,
@@ -221,19 +244,9 @@ def load_slide_patches(
                                   f"{source.slide.stem}.geojson / .mask.png beside it)")
     fill = IGNORE if unannotated is None else class_index(unannotated, classes)
     read_mask = annotation_reader(source.annotations, classes, patch_px=patch_px, fill=fill)
-    images, masks, kept = [], [], []
-    with Slide(source.slide) as slide:
-        grid_mpp, boxes, to_level0 = tissue_patch_boxes(
-            slide, mpp=mpp, patch_px=patch_px, stride_px=stride_px or patch_px,
-            min_tissue=min_tissue, tissue=tissue)
-        for box in boxes:
-            m = read_mask(level0_box(box, to_level0), slide.dimensions)
-            if (m == IGNORE).all():
-                continue
-            images.append(slide.read_scaled(grid_mpp, int(box[0]), int(box[1]), patch_px,
-                                            patch_px))
-            masks.append(m)
-            kept.append(box)
+    grid_mpp, images, masks, kept = annotated_patches(
+        source.slide, read_mask, mpp=mpp, patch_px=patch_px, stride_px=stride_px,
+        min_tissue=min_tissue, tissue=tissue)
     if not images:
         log.warning("%s: no annotated patch with %.0f%% tissue", source.slide, 100 * min_tissue)
         return _empty(patch_px)
