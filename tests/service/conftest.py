@@ -257,6 +257,22 @@ class Stack:
                 raise AssertionError(f"job {job_id} stuck at {job}\n{self.log_tail()}")
             time.sleep(0.1)
 
+    def finished_job(self, client: httpx.Client, slide_id: str) -> str:
+        """Run a small identity job (64 px tiles at 4 µm/px) on ``slide_id`` to success;
+        its id, for tests that need a published result."""
+        r = client.post(
+            "/v1/jobs",
+            json={
+                "slide_id": slide_id,
+                "model": "identity",
+                "parameters": {"target_mpp": 4.0, "tile_px": 64, "overlap_px": 8},
+            },
+        )
+        assert r.status_code == 202, r.text
+        job_id: str = r.json()["job_id"]
+        assert self.wait_job(client, job_id)["status"] == "succeeded"
+        return job_id
+
     def leftovers(self) -> list[str]:
         """Files in the temp upload dir (must be empty when no upload is in flight)."""
         tmp = self.data_dir / "tmp"

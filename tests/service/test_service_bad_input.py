@@ -252,16 +252,7 @@ def test_no_or_wrong_key_is_401(stack: Stack, anonymous: httpx.Client, svc_slide
 
 def test_delete_slide_removes_files(stack: Stack, alice: httpx.Client, svc_slides: dict) -> None:
     slide = stack.upload(alice, svc_slides["pyramid"], name="to-delete.svs")
-    r = alice.post(
-        "/v1/jobs",
-        json={
-            "slide_id": slide["id"],
-            "model": "identity",
-            "parameters": {"target_mpp": 4.0, "tile_px": 64, "overlap_px": 8},
-        },
-    )
-    job_id = r.json()["job_id"]
-    assert stack.wait_job(alice, job_id)["status"] == "succeeded"
+    job_id = stack.finished_job(alice, slide["id"])
     assert (stack.data_dir / "results" / f"{job_id}.zarr").is_dir()
     assert alice.delete(f"/v1/slides/{slide['id']}").status_code == 204
     assert alice.get(f"/v1/slides/{slide['id']}").status_code == 404
