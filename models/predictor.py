@@ -122,18 +122,30 @@ class Predictor:
 
     @torch.inference_mode()
     def __call__(self, batch: npt.NDArray[np.uint8]) -> dict[str, npt.NDArray[np.float32]]:
+        x = self._input(batch)
+        if not self.tta:
+            return {name: _to_numpy(y) for name, y in self._forward(x).items()}
+        return self._forward_tta(x)
+
+    @torch.inference_mode()
+    def on_device(self, batch: npt.NDArray[np.uint8]) -> dict[str, torch.Tensor]:
+        """As calling the predictor, but the outputs stay float32 tensors on its device
+        (for the engine's on-device blending; with TTA they come back from the host)."""
+        x = self._input(batch)
+        if not self.tta:
+            return self._forward(x)
+        return {name: torch.from_numpy(y).to(self.device)
+                for name, y in self._forward_tta(x).items()}
+
+    def _input(self, batch: npt.NDArray[np.uint8]) -> torch.Tensor:
         if batch.ndim != 4 or batch.shape[-1] != 3 or batch.dtype != np.uint8:
             raise ValueError(f"expected an (n, h, w, 3) uint8 batch, got {batch.shape} {batch.dtype}")
         if self.device.type == "cuda":
             # ship uint8 (4x fewer bytes over PCIe), convert and normalise on the GPU
             x = torch.from_numpy(batch).pin_memory().to(self.device, non_blocking=True)
             x = (x.permute(0, 3, 1, 2).float() - self._mean) / self._std
-            x = x.contiguous(memory_format=torch.channels_last)
-        else:
-            x = self._normalise_cpu(batch)
-        if not self.tta:
-            return {name: _to_numpy(y) for name, y in self._forward(x).items()}
-        return self._forward_tta(x)
+            return x.contiguous(memory_format=torch.channels_last)
+        return self._normalise_cpu(batch)
 
     def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """One pass: every declared output, float32, activated where it is logits."""

@@ -80,7 +80,9 @@ class StreamingMerger:
 
     ``boxes`` are the (y, x, h, w) canvas boxes of every tile that will be aggregated
     (clipped to the canvas here); ``sink`` receives each finished chunk exactly once.
-    Chunks that no tile touches are never allocated nor sunk.
+    Chunks that no tile touches are never allocated nor sunk; with ``chunks`` (a boolean
+    mask over the chunk grid) only those chunks are accumulated and sunk, so that mergers
+    over disjoint masks can blend the same tiles on several threads.
 
     ``normalize=False`` hands the sink the weighted sums and weights undivided, for a
     sink that folds the division into a pass it makes anyway (the engine's uint8 store
@@ -100,6 +102,7 @@ class StreamingMerger:
         spill_dir: Path | None = None,
         horizon: int = 0,
         normalize: bool = True,
+        chunks: npt.NDArray[np.bool_] | None = None,
     ) -> None:
         if channels < 1 or chunk_px < 1 or min(shape) < 1:
             raise InvalidParameter(
@@ -114,6 +117,12 @@ class StreamingMerger:
         n_cy = -(-self.height // chunk_px)
         n_cx = -(-self.width // chunk_px)
         self._pending = np.zeros((n_cy, n_cx), dtype=np.int32)
+        # the chunks this merger handles (all by default); several mergers over disjoint
+        # sets blend one canvas on several threads, each chunk in tile order on one
+        self._mine = np.ones((n_cy, n_cx), dtype=bool) if chunks is None else chunks
+        if self._mine.shape != (n_cy, n_cx):
+            raise InvalidParameter(
+                f"chunks must be a ({n_cy}, {n_cx}) mask, got shape {self._mine.shape}")
         self.spill_dir, self.horizon = spill_dir, horizon
         # for spilling: which tiles (by arrival index) touch each chunk, in order
         self._touches: dict[tuple[int, int], deque[int]] = {}
@@ -121,11 +130,12 @@ class StreamingMerger:
             span = self._chunk_span(box)
             if span is not None:
                 cy0, cy1, cx0, cx1 = span
-                self._pending[cy0:cy1, cx0:cx1] += 1
+                self._pending[cy0:cy1, cx0:cx1] += self._mine[cy0:cy1, cx0:cx1]
                 if spill_dir is not None:
                     for cy in range(cy0, cy1):
                         for cx in range(cx0, cx1):
-                            self._touches.setdefault((cy, cx), deque()).append(index)
+                            if self._mine[cy, cx]:
+                                self._touches.setdefault((cy, cx), deque()).append(index)
         self._arrived = 0
         # chunk-local (y0, y1, x0, x1) that tiles have touched, per open or parked chunk
         self._extent: dict[tuple[int, int], list[int]] = {}
@@ -161,54 +171,107 @@ class StreamingMerger:
             raise InvalidParameter(
                 f"tile must be ({self.channels}, h, w), got shape {tile.shape}"
             )
-        if tile.shape[1:] != self.window.shape:
+        self.aggregate_batch(tile[None], [where])
+
+    def aggregate_batch(self, tiles: Any, wheres: Sequence[tuple[int, int]]) -> None:
+        """Add ``n`` (C, h, w) tile outputs, given as one (n, C, h, w) array, whose
+        top-left canvas pixels are ``wheres``, in that order.
+
+        Why batches: one call, one type check and one float32 conversion per batch,
+        and the bookkeeping per tile-chunk overlap, not per channel. The sums are the
+        same float operations in the same tile order as one tile at a time, so a chunk
+        is bit-identical whichever way the tiles are grouped into batches or threads
+        (``chunks``), and in a part of a plan for the chunks only the part's tiles touch."""
+        shape = tuple(tiles.shape)
+        if len(shape) != 4 or shape[1] != self.channels:
             raise InvalidParameter(
-                f"tile size {tile.shape[1:]} does not match the window {self.window.shape}"
+                f"tiles must be (n, {self.channels}, h, w), got shape {shape}"
             )
-        if tile.dtype != np.float32:
-            tile = tile.astype(np.float32)
-        y, x = where
+        if shape[2:] != self.window.shape:
+            raise InvalidParameter(
+                f"tile size {shape[2:]} does not match the window {self.window.shape}"
+            )
+        if len(wheres) != shape[0]:
+            raise InvalidParameter(f"{shape[0]} tiles but {len(wheres)} positions")
+        batch = self._as_float32(tiles)
+        window = self._window
         h, w = self.window.shape
-        span = self._chunk_span((y, x, h, w))
-        if span is None:
-            return
-        cy0, cy1, cx0, cx1 = span
         c = self.chunk_px
-        for cy in range(cy0, cy1):
-            for cx in range(cx0, cx1):
-                if self._pending[cy, cx] <= 0:
-                    raise InvalidParameter(
-                        f"tile at {where} touches chunk ({cy}, {cx}) after it was finished; "
-                        "aggregate only the boxes given at construction"
-                    )
-                key = (cy, cx)
-                ch, cw = self._chunk_shape(cy, cx)
-                if key in self._spilled:
-                    self._unspill(key)
-                if key not in self._sums:
-                    self._sums[key] = np.zeros((self.channels, ch, cw), dtype=np.float32)
-                    self._weights[key] = np.zeros((ch, cw), dtype=np.float32)
-                    self._extent[key] = [ch, 0, cw, 0]
-                    self.peak_open_chunks = max(self.peak_open_chunks, len(self._sums))
-                # overlap of tile and chunk, in canvas coordinates
-                oy0, oy1 = max(y, cy * c), min(y + h, cy * c + ch)
-                ox0, ox1 = max(x, cx * c), min(x + w, cx * c + cw)
-                win = self.window[oy0 - y : oy1 - y, ox0 - x : ox1 - x]
-                src = tile[:, oy0 - y : oy1 - y, ox0 - x : ox1 - x]
-                dst = (slice(oy0 - cy * c, oy1 - cy * c), slice(ox0 - cx * c, ox1 - cx * c))
-                sums = self._sums[key]
-                for channel in range(self.channels):  # OpenCV: acc += src * win, one pass
-                    cv2.accumulateProduct(src[channel], win, sums[channel][dst])
-                cv2.accumulate(win, self._weights[key][dst])
-                extent = self._extent[key]
-                extent[0], extent[1] = min(extent[0], dst[0].start), max(extent[1], dst[0].stop)
-                extent[2], extent[3] = min(extent[2], dst[1].start), max(extent[3], dst[1].stop)
-                self._pending[cy, cx] -= 1
-                if self._pending[cy, cx] == 0:
-                    self._flush(key)
-                elif self.spill_dir is not None:
-                    self._maybe_spill(key)
-        self._arrived += 1
+        for i, where in enumerate(wheres):
+            y, x = where
+            span = self._chunk_span((y, x, h, w))
+            if span is None:
+                self._arrived += 1
+                continue
+            cy0, cy1, cx0, cx1 = span
+            tile = batch[i]
+            mine = self._mine
+            for cy in range(cy0, cy1):
+                for cx in range(cx0, cx1):
+                    if not mine[cy, cx]:
+                        continue
+                    if self._pending[cy, cx] <= 0:
+                        raise InvalidParameter(
+                            f"tile at {where} touches chunk ({cy}, {cx}) after it was "
+                            "finished; aggregate only the boxes given at construction"
+                        )
+                    key = (cy, cx)
+                    if key in self._spilled:
+                        self._unspill(key)
+                    if key not in self._sums:
+                        ch, cw = self._chunk_shape(cy, cx)
+                        self._sums[key] = self._zeros((self.channels, ch, cw))
+                        self._weights[key] = self._zeros((ch, cw))
+                        self._extent[key] = [ch, 0, cw, 0]
+                        self.peak_open_chunks = max(self.peak_open_chunks, len(self._sums))
+                    # overlap of tile and chunk, in chunk and in tile coordinates
+                    ch, cw = self._chunk_shape(cy, cx)
+                    ty0, ty1 = max(y, cy * c) - y, min(y + h, cy * c + ch) - y
+                    tx0, tx1 = max(x, cx * c) - x, min(x + w, cx * c + cw) - x
+                    dy0, dx0 = y + ty0 - cy * c, x + tx0 - cx * c
+                    dy1, dx1 = dy0 + ty1 - ty0, dx0 + tx1 - tx0
+                    self._accumulate(self._sums[key][:, dy0:dy1, dx0:dx1],
+                                     self._weights[key][dy0:dy1, dx0:dx1],
+                                     tile[:, ty0:ty1, tx0:tx1], window[ty0:ty1, tx0:tx1])
+                    extent = self._extent[key]
+                    extent[0], extent[1] = min(extent[0], dy0), max(extent[1], dy1)
+                    extent[2], extent[3] = min(extent[2], dx0), max(extent[3], dx1)
+                    self._pending[cy, cx] -= 1
+                    if self._pending[cy, cx] == 0:
+                        self._flush(key)
+                    elif self.spill_dir is not None:
+                        self._maybe_spill(key)
+            self._arrived += 1
+
+    # -- array hooks: numpy here; a subclass keeps its buffers elsewhere (a GPU) -----------
+    @property
+    def _window(self) -> Any:
+        """The weight window in the buffers' array type."""
+        return self.window
+
+    def _as_float32(self, tiles: Any) -> Any:
+        return tiles if tiles.dtype == np.float32 else tiles.astype(np.float32)
+
+    def _accumulate(self, sums: Any, weights: Any, tile: Any, window: Any) -> None:
+        """``sums += tile * window`` (one fused multiply-add per value, a single
+        rounding: OpenCV's, in one pass, ~3x faster than numpy's multiply then add) and
+        ``weights += window``, over the overlap of one tile and one chunk.
+
+        One OpenCV call per channel: a few microseconds each against tens of thousands
+        of pixels, and the same fused rounding as torch's ``addcmul_`` on the device
+        path, so both store the same pixels."""
+        for channel in range(len(tile)):
+            cv2.accumulateProduct(tile[channel], window, sums[channel])
+        cv2.accumulate(window, weights)
+
+    def _zeros(self, shape: tuple[int, ...]) -> Any:
+        return np.zeros(shape, dtype=np.float32)
+
+    def _to_host(self, part: Any) -> npt.NDArray[np.float32]:
+        return np.asarray(part)
+
+    def _load_into(self, target: Any, data: npt.NDArray[np.float32]) -> None:
+        target[...] = data
 
     def _maybe_spill(self, key: tuple[int, int]) -> None:
         """Park a chunk on disk when its next tile is more than ``horizon`` tiles away.
@@ -223,6 +286,7 @@ class StreamingMerger:
             stem = self.spill_dir / f"{key[0]}_{key[1]}"
             for suffix, part in ((".sum.npy", self._sums.pop(key)[:, y0:y1, x0:x1]),
                                  (".weight.npy", self._weights.pop(key)[y0:y1, x0:x1])):
+                part = self._to_host(part)
                 np.save(stem.with_suffix(suffix), part)
                 self.bytes_spilled += part.nbytes
             self._spilled.add(key)
@@ -233,12 +297,12 @@ class StreamingMerger:
         stem = self.spill_dir / f"{key[0]}_{key[1]}"
         ch, cw = self._chunk_shape(*key)
         y0, y1, x0, x1 = self._extent[key]
-        self._sums[key] = np.zeros((self.channels, ch, cw), dtype=np.float32)
-        self._weights[key] = np.zeros((ch, cw), dtype=np.float32)
+        self._sums[key] = self._zeros((self.channels, ch, cw))
+        self._weights[key] = self._zeros((ch, cw))
         for suffix, target in ((".sum.npy", self._sums[key][..., y0:y1, x0:x1]),
                                (".weight.npy", self._weights[key][y0:y1, x0:x1])):
             path = stem.with_suffix(suffix)
-            target[...] = np.load(path)
+            self._load_into(target, np.load(path))
             path.unlink()
         self._spilled.discard(key)
 

@@ -54,7 +54,15 @@ class DenseSink:
         self.image, self.classes = image, classes
         self.scale = full_scale(image.dtype) / max_value
 
+    def owns(self, cy: int, cx: int) -> bool:
+        """Whether this sink stores chunk (cy, cx): all of them here; a part of a split
+        run stores only its own (override this, not ``__call__``, so that the device
+        sink of ``workers.engine.device_blend`` drops the same chunks)."""
+        return True
+
     def __call__(self, cy: int, cx: int, sums: np.ndarray, weights: np.ndarray) -> None:
+        if not self.owns(cy, cx):
+            return
         if self.classes is not None:
             labels = class_map(sums, first=1)
             if not weights.all():  # only chunks at the tissue's edge have uncovered pixels
