@@ -9,6 +9,7 @@ from importlib import metadata
 
 from fastapi import FastAPI
 
+from service import metrics
 from service.errors import install_error_handlers
 from service.limits import BodyLimit
 from service.openapi import install_openapi
@@ -49,6 +50,8 @@ def create_app(
         yield
         if store is None:
             app.state.store.dispose()
+        if getattr(app.state, "metrics_redis", None) is not None:  # made by GET /metrics
+            app.state.metrics_redis.close()
 
     app = FastAPI(
         title="slidepipe",
@@ -62,8 +65,8 @@ def create_app(
     install_error_handlers(app)
     install_openapi(app)  # every error documented as the handlers send it
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # 413 for big JSON
-    for router in (health.router, slides.router, slide_tissue.router, models.router,
-                   jobs.router):
+    for router in (health.router, metrics.router, slides.router, slide_tissue.router,
+                   models.router, jobs.router):
         app.include_router(router)
     for router in (outputs.router, viewer.router):  # what the pathologist takes away
         app.include_router(router)

@@ -12,8 +12,9 @@ folder removed, so nothing is left on disk):
   unpacked (counted on the bytes written, not on what the headers declare);
 * an archive with no slide in it (415), or with several (422).
 
-The slide inside is then opened like any upload; accepted, the folder moves to
-``<data_dir>/slides/<slide id>/`` and the slide's path points into it.
+The slide inside is then opened like any upload; accepted, the folder goes into the
+store as ``slides/<slide id>/`` (a rename on a ``file://`` store, an upload of each file
+on ``s3://``) and the slide's path points into it.
 """
 
 from __future__ import annotations
@@ -41,9 +42,11 @@ from service.upload_errors import (
     raise_if_full,
 )
 from service.uploads import inspect_slide, slide_limits
+from workers.jobs.objects import get_object_store
 from workers.jobs.rows import SlideRow, new_id
 from workers.jobs.settings import Settings, slide_rel_path
 from workers.jobs.store import JobStore
+from workers.storage.objects import Store
 from wsi.errors import SlideError
 from wsi.limits import SlideTooLarge
 from wsi.slide_files import DICOM_SUFFIXES, SINGLE_FILE_SUFFIXES, is_dicom, resolve_slide_path
@@ -254,10 +257,14 @@ def store_if_archive(temp_path: Path, sha256: str, size: int, label: str, owner:
             raise BrokenSlide(f"{label!r} holds {found.name!r}, which is not a readable "
                               f"slide: {err}") from err
         slide_id = new_id()
-        folder = settings.slides_dir / slide_id
+        folder_key = slide_rel_path(slide_id, "")
         inner = found.relative_to(unpacker.root).as_posix()
-        rel_path = slide_rel_path(slide_id, "") + ("" if inner == "." else "/" + inner)
-        os.replace(unpacker.root, folder)
+        rel_path = folder_key + ("" if inner == "." else "/" + inner)
+        objects = get_object_store(settings)
+        if objects.is_local:
+            os.replace(unpacker.root, objects.local_path(folder_key))
+        else:
+            publish_folder(objects, unpacker.root, folder_key)
     row = SlideRow(
         id=slide_id, owner=owner, sha256=sha256, filename=label, size_bytes=size,
         rel_path=rel_path, width=info.width, height=info.height,
@@ -268,19 +275,17 @@ def store_if_archive(temp_path: Path, sha256: str, size: int, label: str, owner:
     try:
         stored, created = store.add_slide(row)
     except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
+        objects.delete(folder_key)
         raise
     if not created:  # the same content won a race with us
-        shutil.rmtree(folder, ignore_errors=True)
+        objects.delete(folder_key)
     log.info("slide %s stored for %s from %s archive %s (%d members, %d bytes unpacked)",
              stored.id, owner, kind, label, unpacker.members, unpacker.written)
     return stored, created
 
 
-def remove_slide_files(settings: Settings, slide_id: str, rel_path: str) -> None:
-    """Delete a stored slide's file, or its folder when it came as an archive."""
-    folder = settings.slides_dir / slide_id
-    if folder.is_dir():
-        shutil.rmtree(folder, ignore_errors=True)
-    else:
-        (settings.data_dir / rel_path).unlink(missing_ok=True)
+def publish_folder(objects: Store, folder: Path, key: str) -> None:
+    """Upload an unpacked slide folder, file by file, under ``key``."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            objects.put_file(path, f"{key}/{path.relative_to(folder).as_posix()}")

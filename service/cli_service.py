@@ -127,6 +127,12 @@ def serve(host: str, port: int, log_level: str) -> None:
     type=click.Choice(["prefork", "solo", "threads"]),
     help="prefork runs each job in a child process, so a crash re-queues it",
 )
+@click.option(
+    "--queues",
+    default=None,
+    help="comma-separated queues to consume, of gpu,cpu; default: gpu for cuda devices, "
+    "gpu,cpu for cpu and auto (a CPU-only machine still runs jobs)",
+)
 @click.option("--hostname", default=None, help="Celery node name (default: slidepipe@%h)")
 @click.option(
     "--log-level",
@@ -135,9 +141,19 @@ def serve(host: str, port: int, log_level: str) -> None:
     type=click.Choice(["debug", "info", "warning", "error"]),
 )
 def worker(
-    device: str | None, concurrency: int, pool: str, hostname: str | None, log_level: str
+    device: str | None,
+    concurrency: int,
+    pool: str,
+    queues: str | None,
+    hostname: str | None,
+    log_level: str,
 ) -> None:
-    """Run a Celery worker on the `gpu` queue (one per GPU, concurrency 1)."""
+    """Run a Celery worker: one per GPU (`--device cuda:N`, concurrency 1), or on CPU.
+
+    A GPU worker takes model work (queue `gpu`); a CPU worker takes it too and the
+    CPU-cheap steps (queue `cpu`), unless `--queues` narrows it (docs/operations.md).
+    """
+    from workers.jobs.celery_app import QUEUES, default_queues
     from workers.jobs.settings import get_settings
 
     if device is not None:
@@ -149,15 +165,26 @@ def worker(
         get_settings.cache_clear()
     _setup_logging(log_level)
     settings = get_settings()
+    if queues is None:
+        consumed = default_queues(settings.worker_device)
+    else:
+        consumed = tuple(dict.fromkeys(q.strip() for q in queues.split(",") if q.strip()))
+        unknown = [q for q in consumed if q not in QUEUES]
+        if unknown or not consumed:
+            raise click.BadParameter(
+                f"expected a comma-separated list of {', '.join(QUEUES)}, got {queues!r}",
+                param_hint="--queues",
+            )
     problem = broker_problem(settings.broker_url)
     if problem:
         raise click.ClickException(problem)
     settings.ensure_dirs()
-    from workers.jobs.celery_app import QUEUE, app
+    from workers.jobs.celery_app import app
 
+    log.info("worker on %s consumes %s", settings.worker_device, ",".join(consumed))
     argv = [
         "worker",
-        f"--queues={QUEUE}",
+        f"--queues={','.join(consumed)}",
         f"--concurrency={concurrency}",
         f"--pool={pool}",
         f"--loglevel={log_level.upper()}",

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 from models.errors import CheckpointUnreadable, ModelCardInvalid, ModelError, UnknownModel
 from service.upload_errors import STORAGE_FULL_ERRNOS, UploadRejected
 from workers.jobs.actions import Conflict, NotFound, QueueUnavailable
+from workers.storage.errors import StorageError
 from wsi.errors import (
     InvalidParameter,
     OutputExists,
@@ -40,6 +41,7 @@ STATUS_BY_ERROR: tuple[tuple[type[BaseException], int], ...] = (
     (NotFound, 404),
     (Conflict, 409),
     (QueueUnavailable, 503),
+    (StorageError, 503),  # the object store is unreachable or refused (docs/storage.md)
     (UnknownModel, 422),
     (ModelCardInvalid, 422),
     (CheckpointUnreadable, 422),

@@ -4,8 +4,10 @@ The body (raw, or the first file part of a multipart form, parsed as it streams)
 written in chunks to ``<data_dir>/tmp``; it is never held whole in memory. The file is
 then opened with the slide reader (and, for TIFF-based files, its tile data checked to
 lie inside the file, which catches truncation), deduplicated by sha256 per owner and
-renamed to ``<data_dir>/slides/<slide id><ext>``. The client's filename is kept only as a
-label: the name on disk is the server's. Any rejection removes the temp file.
+put into the store as ``slides/<slide id><ext>``: renamed into the data dir on a
+``file://`` store, streamed up chunk by chunk (a multipart upload) on ``s3://``. The
+client's filename is kept only as a label: the name in the store is the server's. Any
+rejection removes the temp file.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from service.upload_errors import (
     UploadRejected,
 )
 from service.upload_stream import TempUpload, clean_filename, receive_multipart, receive_raw
+from workers.jobs.objects import get_object_store
 from workers.jobs.rows import SlideRow, new_id
 from workers.jobs.settings import Settings, slide_rel_path
 from workers.jobs.store import JobStore
@@ -174,8 +177,8 @@ def _validate_and_store(
         raise BrokenSlide(f"{label!r} is not a readable slide: {reason}") from err
     slide_id = new_id()
     rel_path = slide_rel_path(slide_id, suffix)
-    final = settings.data_dir / rel_path
-    os.replace(temp.path, final)
+    objects = get_object_store(settings)
+    objects.put_file(temp.path, rel_path, move=True)
     row = SlideRow(
         id=slide_id,
         owner=owner,
@@ -195,9 +198,9 @@ def _validate_and_store(
     try:
         stored, created = store.add_slide(row)
     except BaseException:
-        final.unlink(missing_ok=True)
+        objects.delete(rel_path)
         raise
     if not created:  # the same content won a race with us
-        final.unlink(missing_ok=True)
+        objects.delete(rel_path)
     log.info("slide %s stored for %s (%s, %d bytes)", stored.id, owner, label, temp.size)
     return stored, created

@@ -13,13 +13,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from wsi.errors import RegionUnreadable, SlideUnreadable
-from wsi.tiff_integrity import check_tiff_extent, is_tiff
+from wsi.remote import RemoteFile
+from wsi.tiff_integrity import TIFF_MAGICS, check_tiff_extent, check_tiff_extent_of, is_tiff
 from wsi.tile_cache import TiledLevel, TiledReader, tiled_level
 
 BACKENDS: tuple[str, ...] = ("openslide", "tiffslide")
@@ -117,12 +118,17 @@ class TiffSlideBackend:
 
     name = "tiffslide"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, remote: RemoteFile | None = None) -> None:
         import tiffslide
 
+        self._remote = remote
         try:
-            self._slide = tiffslide.TiffSlide(str(path))
+            # a remote slide: tiffslide parses through a buffered handle, tiles by range
+            source: Any = remote.open() if remote is not None else str(path)
+            self._slide = tiffslide.TiffSlide(source)
             self.level_dimensions = tuple(self._slide.level_dimensions)
+        except SlideUnreadable:
+            raise
         except Exception as err:  # tifffile raises many unrelated types on garbage input
             raise SlideUnreadable(f"tiffslide cannot open {path.name!r}: {err}") from err
         self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
@@ -131,7 +137,7 @@ class TiffSlideBackend:
         }
         self.mpp = _float_or_none(self._slide.properties.get("tiffslide.mpp-x"))
         self.vendor = str(self._slide.properties.get("tiffslide.vendor") or "generic-tiff")
-        self._tiled = TiledReader(path, self._tiled_levels())
+        self._tiled = TiledReader(remote if remote is not None else path, self._tiled_levels())
         #: pread-based tiled reads share no file position; tiffslide's own path does
         self.concurrent_reads = all(
             self._tiled.covers(level) for level in range(len(self.level_dimensions))
@@ -174,6 +180,8 @@ class TiffSlideBackend:
     def close(self) -> None:
         self._tiled.close()
         self._slide.close()
+        if self._remote is not None:
+            self._remote.close()
 
 
 def _tiled_tiffslide(path: Path) -> SlideBackend:
@@ -223,6 +231,33 @@ def open_backend(path: Path, backend: str) -> SlideBackend:
             continue
         return opened
     raise SlideUnreadable("; ".join(reasons))
+
+
+def open_remote_backend(remote: RemoteFile) -> SlideBackend:
+    """Open a slide in an object store by byte ranges (tiffslide: a TIFF-based slide).
+
+    The same checks as a local TIFF: its structure must lie inside the file, and one
+    pixel of every level must decode. openslide needs a local path: a slide it alone
+    reads goes through the worker's read-through cache instead.
+    """
+    name = Path(remote.name)
+    if remote.read_at(4, 0) not in TIFF_MAGICS:
+        raise SlideUnreadable(
+            f"{remote.name!r} is not a TIFF: only TIFF-based slides are read by range "
+            "(others are read through the local cache)"
+        )
+    try:
+        check_tiff_extent_of(remote.open(), remote.size, remote.name)
+        opened = TiffSlideBackend(name, remote)
+    except SlideUnreadable:
+        remote.close()
+        raise
+    try:
+        probe_levels(opened, name)
+    except SlideUnreadable:
+        opened.close()
+        raise
+    return opened
 
 
 def probe_levels(backend: SlideBackend, path: Path) -> None:

@@ -228,6 +228,32 @@ class ResultWriter:
         self._images: dict[str, tuple[str, int, str]] = {}  # group path -> (name, channels, kind)
         self._labels: dict[str, LabelSpec] = {}
 
+    @classmethod
+    def reopen(cls, path: Path, *, height: int, width: int, mpp: float,
+               chunk_px: int) -> ResultWriter:
+        """The writer of a result created earlier, perhaps by another process: a split
+        run's last step builds the pyramids of arrays that its parts filled. Which groups
+        are images and labels is read back from their NGFF metadata."""
+        writer = cls.__new__(cls)
+        writer.path = Path(path)
+        writer.height, writer.width, writer.mpp, writer.chunk_px = height, width, mpp, chunk_px
+        writer.shapes = pyramid_shapes(height, width, chunk_px)
+        writer.root = zarr.open_group(str(writer.path), mode="r+", zarr_format=2)
+        writer._images, writer._labels = {}, {}
+        groups = [("", writer.root), *(item for item in writer.root.groups() if item[0] != "labels")]
+        for group_path, group in groups:
+            omero = json_attrs(group).get("omero")
+            if omero:
+                writer._images[group_path] = (omero["name"], len(omero["channels"]), "mean")
+        labels = group_at(writer.root, "labels") if "labels" in writer.root else None
+        for name in json_attrs(labels).get("labels", []) if labels is not None else []:
+            meta = json_attrs(group_at(writer.root, f"labels/{name}"))["image-label"]
+            names = {p["label-value"]: p["class"] for p in meta["properties"]}
+            writer._labels[name] = LabelSpec(name, {
+                c["label-value"]: (names[c["label-value"]], tuple(c["rgba"]))
+                for c in meta["colors"]})
+        return writer
+
     def _create(self, group_path: str, n_channels: int | None, dtype: str = "uint8") -> AnyArray:
         group = self.root.require_group(group_path) if group_path else self.root
         for level, (h, w) in enumerate(self.shapes):

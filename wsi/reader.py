@@ -14,13 +14,15 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import cv2
 import numpy as np
 import numpy.typing as npt
 
-from wsi.backends import SlideBackend, open_backend
+from wsi.backends import SlideBackend, open_backend, open_remote_backend
 from wsi.errors import InvalidParameter, SlideMissingMpp, SlideUnreadable
+from wsi.remote import RemoteFile, is_slide_ref, is_url, read_slide_ref
 from wsi.slide_files import resolve_slide_path
 
 #: Two mpp values closer than this (relative) are the same resolution: no resampling.
@@ -50,6 +52,10 @@ class Slide:
 
     ``slide_mpp`` overrides (or supplies) the level-0 microns per pixel for slides whose
     metadata lacks it. Use as a context manager, or call :meth:`close`.
+
+    ``path`` may also be a URL (``s3://bucket/key``, any fsspec URL; ``storage_options``
+    go to fsspec) or a slide reference file naming one (:mod:`wsi.remote`): the slide
+    is then read by byte ranges through tiffslide, never downloaded whole.
     """
 
     def __init__(
@@ -58,12 +64,25 @@ class Slide:
         *,
         backend: str = "auto",
         slide_mpp: float | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
-        #: the file opened: ``path`` itself, or the slide's file in a folder (DICOM, MRXS)
-        self.path = resolve_slide_path(Path(path))
         if slide_mpp is not None and not (0 < slide_mpp < 1000):
             raise InvalidParameter(f"slide_mpp must be in (0, 1000) µm/px, got {slide_mpp}")
-        self._backend: SlideBackend = open_backend(self.path, backend)
+        url = str(path) if is_url(path) else None
+        #: the file opened: ``path`` itself, the slide's file in a folder (DICOM, MRXS),
+        #: a slide reference (:func:`wsi.remote.recorded_sha256` gives its file's hash)
+        #: or, for a bare URL, its last part
+        self.path = Path(url.rsplit("/", 1)[-1]) if url is not None else Path(path)
+        if url is None and is_slide_ref(Path(path)):
+            url = read_slide_ref(Path(path))
+        if url is not None:
+            if backend == "openslide":
+                raise SlideUnreadable("openslide needs a local file; a remote slide is read "
+                                      "by tiffslide (or through the local cache)")
+            self._backend: SlideBackend = open_remote_backend(RemoteFile(url, storage_options))
+        else:
+            self.path = resolve_slide_path(Path(path))
+            self._backend = open_backend(self.path, backend)
         self._mpp_override = slide_mpp
         if not self._backend.level_dimensions or min(self._backend.level_dimensions[0]) < 1:
             raise SlideUnreadable(f"{self.path.name!r} has no image levels")

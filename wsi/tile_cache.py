@@ -8,7 +8,8 @@ each slide tile's bytes are read with ``os.pread`` (no shared file position, so 
 number of threads may read at once), decoded once with the page's own codec (tifffile's
 ``page.decode``: JPEG tables, YCbCr and every compression tifffile knows), kept in a
 byte-bounded LRU cache shared by all threads, and copied into the requested region.
-Two threads asking for the same tile wait for one decode.
+Two threads asking for the same tile wait for one decode. A slide in an object store
+(:mod:`wsi.remote`) gives the bytes by one ranged request per tile instead of ``pread``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -123,14 +124,21 @@ def tiled_level(index: int, page: Any) -> TiledLevel | None:
         return None
 
 
+class RangeSource(Protocol):
+    """Bytes at an offset, safe to call from any thread (a remote slide's ranged reads)."""
+
+    def read_at(self, count: int, offset: int) -> bytes: ...
+
+
 class TiledReader:
     """Reads regions of tiled levels of one file, through one :class:`DecodedTileCache`."""
 
-    def __init__(self, path: Path, levels: Sequence[TiledLevel],
+    def __init__(self, source: Path | RangeSource, levels: Sequence[TiledLevel],
                  cache: DecodedTileCache | None = None) -> None:
         self.levels = {level.index: level for level in levels}
         self.cache = cache or DecodedTileCache()
-        self._fd = os.open(path, os.O_RDONLY)
+        self._remote = None if isinstance(source, Path) else source
+        self._fd = os.open(source, os.O_RDONLY) if isinstance(source, Path) else -1
 
     def covers(self, level: int) -> bool:
         return level in self.levels
@@ -140,7 +148,11 @@ class TiledReader:
         count = int(level.byte_counts[index])
         if count == 0:  # a sparse TIFF's missing tile: the fill value, as tifffile reads it
             return np.zeros(shape, np.uint8)
-        data = os.pread(self._fd, count, int(level.offsets[index]))
+        offset = int(level.offsets[index])
+        if self._remote is not None:
+            data = self._remote.read_at(count, offset)
+        else:
+            data = os.pread(self._fd, count, offset)
         if len(data) != count:
             raise RegionUnreadable(
                 f"tile {index} of level {level.index} is truncated: {len(data)} of {count} bytes"

@@ -25,6 +25,7 @@ from service.schemas import (
 )
 from service.shutdown import SHUTTING_DOWN
 from workers.jobs import actions as jobs
+from workers.jobs.objects import result_dir
 from workers.jobs.rows import TERMINAL, JobRow, JobStatus, as_utc
 from workers.jobs.settings import Settings
 from workers.jobs.store import JobStore
@@ -238,7 +239,7 @@ async def job_events(
 
 # -- results ----------------------------------------------------------------------------
 def _result_dir(store: JobStore, settings: Settings, owner: str, job_id: str) -> Path:
-    return jobs.result_path(settings.data_dir, jobs.get_job(store, owner, job_id))
+    return result_dir(settings, jobs.get_job(store, owner, job_id))
 
 
 def _render(path: Path, class_name: str | None, max_size: int, overlay: bool) -> bytes:

@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 
 from service.deps import OwnerDep, SettingsDep, StoreDep
 from workers.jobs import actions as jobs
+from workers.jobs.objects import result_dir
 from workers.jobs.rows import JobRow, JobStatus
 from workers.jobs.settings import Settings
 from workers.jobs.store import JobStore
@@ -25,7 +26,7 @@ router = APIRouter(tags=["outputs"])
 
 
 def _result(store: JobStore, settings: Settings, owner: str, job_id: str) -> Path:
-    return jobs.result_path(settings.data_dir, jobs.get_job(store, owner, job_id))
+    return result_dir(settings, jobs.get_job(store, owner, job_id))
 
 
 @router.get(
@@ -61,7 +62,7 @@ def result_geojson(
 
 def cached_summary(settings: Settings, job: JobRow) -> dict[str, Any]:
     """The report of a succeeded job, computed once and kept in the cache dir."""
-    path = jobs.result_path(settings.data_dir, job)
+    path = result_dir(settings, job)
     cache = settings.cache_dir / "summaries" / f"{job.id}.json"
     if cache.is_file() and cache.stat().st_mtime >= path.stat().st_mtime:
         report: dict[str, Any] = json.loads(cache.read_text())

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Query, Response
 from service.deps import OwnerDep, SettingsDep, StoreDep
 from workers.engine.params import PARAMS_BY_NAME, TISSUE_FIELDS
 from workers.jobs import actions as jobs
+from workers.jobs.objects import slide_path
 from workers.jobs.rows import SlideRow
 from workers.jobs.settings import Settings
 from wsi.reader import Slide
@@ -41,7 +42,7 @@ def _picture(settings: Settings, slide: SlideRow, max_size: int, params: TissueP
     png_path, meta_path = cache.with_suffix(".png"), cache.with_suffix(".json")
     if png_path.is_file() and meta_path.is_file():
         return png_path.read_bytes(), json.loads(meta_path.read_text())
-    with Slide(settings.data_dir / slide.rel_path) as reader:
+    with slide_path(settings, slide) as path, Slide(path) as reader:
         picture, mask = tissue_picture(reader, params, max_size)
     png = encode_png(picture)
     headers = {"X-Tissue-Area-Um2": f"{mask.area_um2:.0f}",

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Query, Request, Response, status
 
-from service.archives import remove_slide_files
 from service.deps import OwnerDep, SettingsDep, StoreDep
 from service.schemas import SlideList, SlideOut
 from service.uploads import receive_slide
 from workers.jobs import actions as jobs
+from workers.jobs.objects import delete_result_objects, delete_slide_objects, slide_path
 from workers.jobs.rows import SlideRow
 from workers.jobs.settings import Settings
 from wsi.heatmap import encode_png
@@ -109,7 +108,7 @@ def _thumbnail_png(settings: Settings, slide: SlideRow, max_size: int) -> bytes:
     cache = settings.cache_dir / "thumbnails" / f"{slide.id}-{max_size}.png"
     if cache.is_file():
         return cache.read_bytes()
-    with Slide(settings.data_dir / slide.rel_path) as reader:
+    with slide_path(settings, slide) as path, Slide(path) as reader:
         png = encode_png(reader.thumbnail(max_size))
     tmp = cache.with_suffix(f".{os.getpid()}.tmp")
     try:
@@ -152,9 +151,8 @@ def delete_slide(slide_id: str, owner: OwnerDep, store: StoreDep, settings: Sett
     deleted_jobs = store.delete_slide(owner, slide_id)
     if deleted_jobs is None:
         raise jobs.NotFound(f"slide {slide_id!r} not found")
-    remove_slide_files(settings, slide.id, slide.rel_path)  # a file, or an archive's folder
+    delete_slide_objects(settings, slide)  # a file, or an archive's folder
     for thumb in (settings.cache_dir / "thumbnails").glob(f"{slide.id}-*.png"):
         thumb.unlink(missing_ok=True)
     for job in deleted_jobs:
-        if job.result_rel_path:
-            shutil.rmtree(settings.data_dir / job.result_rel_path, ignore_errors=True)
+        delete_result_objects(settings, job)

@@ -24,6 +24,8 @@ from pydantic import BaseModel, Field
 from service.deps import OwnerDep, SettingsDep, StoreDep
 from service.viewer_links import LinkRejected, sign, verify
 from workers.jobs import actions as jobs
+from workers.jobs.objects import result_dir, slide_path
+from workers.jobs.rows import SlideRow
 from workers.jobs.settings import Settings
 from workers.jobs.store import JobStore
 from wsi.deepzoom import dzi_levels, dzi_tile, dzi_xml
@@ -171,6 +173,14 @@ def viewer_pages(resolve: Resolver, settings: Callable[[], Settings | None]) -> 
 
 
 # -- the service: signed links to a job's result ------------------------------------------
+def _slide_file(settings: Settings, slide: SlideRow) -> Path:
+    """The slide as a local file for deep zoom: the data dir's, or the read-through
+    cache's copy (downloaded once; the tile server keeps it open, so an eviction of
+    the cached file later does not break the handle)."""
+    with slide_path(settings, slide) as path:
+        return path
+
+
 def service_resolver(app_settings: Settings, store_of: Callable[[], JobStore]) -> Resolver:
     def resolve(token: str) -> ViewerTarget:
         try:
@@ -179,9 +189,9 @@ def service_resolver(app_settings: Settings, store_of: Callable[[], JobStore]) -
             raise HTTPException(status.HTTP_403_FORBIDDEN, str(err)) from err
         store = store_of()
         job = jobs.get_job(store, owner, job_id)
-        result = jobs.result_path(app_settings.data_dir, job)
+        result = result_dir(app_settings, job)
         slide = jobs.get_slide(store, owner, job.slide_id)
-        return ViewerTarget(result, app_settings.data_dir / slide.rel_path, slide.filename)
+        return ViewerTarget(result, _slide_file(app_settings, slide), slide.filename)
 
     return resolve
 
@@ -205,7 +215,7 @@ router = APIRouter(tags=["viewer"])
 def viewer_link(job_id: str, owner: OwnerDep, store: StoreDep, settings: SettingsDep,
                 body: ViewerLinkRequest | None = None) -> ViewerLink:
     """A short-lived signed link to the job's viewer page: open it in a browser."""
-    jobs.result_path(settings.data_dir, jobs.get_job(store, owner, job_id))
+    result_dir(settings, jobs.get_job(store, owner, job_id))
     ttl = body.ttl_s if body is not None else None
     token, expires = sign(settings, job_id, owner, ttl)
     return ViewerLink(url=f"/v1/view/{token}/", expires_at=expires)
@@ -215,7 +225,7 @@ def viewer_link(job_id: str, owner: OwnerDep, store: StoreDep, settings: Setting
             responses={409: {"description": "job not succeeded"}})
 def viewer(job_id: str, owner: OwnerDep, store: StoreDep, settings: SettingsDep) -> HTMLResponse:
     """The viewer page of the job's result, its resources under a fresh signed link."""
-    jobs.result_path(settings.data_dir, jobs.get_job(store, owner, job_id))
+    result_dir(settings, jobs.get_job(store, owner, job_id))
     openseadragon_dir(settings)
     token, _ = sign(settings, job_id, owner)
     return HTMLResponse(page_html(base=f"/v1/view/{token}/"), headers={"Cache-Control": "no-store"})
@@ -225,7 +235,7 @@ def viewer(job_id: str, owner: OwnerDep, store: StoreDep, settings: SettingsDep)
 def slide_dzi(slide_id: str, owner: OwnerDep, store: StoreDep, settings: SettingsDep) -> Response:
     """The slide's deep-zoom descriptor (254 px JPEG tiles, overlap 1)."""
     slide = jobs.get_slide(store, owner, slide_id)
-    return Response(dzi_xml(settings.data_dir / slide.rel_path), media_type="application/xml")
+    return Response(dzi_xml(_slide_file(settings, slide)), media_type="application/xml")
 
 
 @router.get("/v1/slides/{slide_id}/slide_files/{level}/{col}_{row}.jpeg",
@@ -234,6 +244,6 @@ def slide_dzi_tile(slide_id: str, level: int, col: int, row: int, owner: OwnerDe
                    store: StoreDep, settings: SettingsDep) -> Response:
     """One deep-zoom tile of the slide, as openslide's ``DeepZoomGenerator`` makes it."""
     slide = jobs.get_slide(store, owner, slide_id)
-    path = settings.data_dir / slide.rel_path
+    path = _slide_file(settings, slide)
     return Response(_found(lambda: dzi_tile(path, level, col, row)), media_type="image/jpeg",
                     headers=TILE_CACHE)

@@ -77,6 +77,8 @@ def redis_base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             "no",
             "--dir",
             str(workdir),
+            "--databases",  # every stack gets a database of its own (next_redis_url)
+            str(PRIVATE_REDIS_DATABASES),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
@@ -100,10 +102,13 @@ def redis_base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stop(proc)
 
 
-_redis_db_counter = iter(range(1, 16))
+PRIVATE_REDIS_DATABASES = 128
+_redis_db_counter = iter(range(1, PRIVATE_REDIS_DATABASES))
 
 
 def next_redis_url(base: str) -> str:
+    """A Redis database no other stack of this session uses (a shared server given by
+    SLIDEPIPE_TEST_REDIS_URL has its own limit, usually 16)."""
     return f"{base}/{next(_redis_db_counter)}"
 
 
@@ -151,7 +156,9 @@ class Stack:
         headers = {"Authorization": f"Bearer {KEYS[owner]}"} if owner else {}
         return httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
 
-    def start_worker(self, name: str) -> subprocess.Popen[bytes]:
+    def start_worker(self, name: str, *extra_args: str) -> subprocess.Popen[bytes]:
+        """A ``slidepipe worker --device cpu`` named ``name@<host>``; ``extra_args`` are
+        appended (e.g. ``"--queues", "cpu"``)."""
         assert self.logs is not None
         log_path = self.logs / f"worker-{name}.log"
         log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the child
@@ -167,6 +174,7 @@ class Stack:
                 f"{name}@%h",
                 "--log-level",
                 "info",
+                *extra_args,
             ],
             cwd=REPO,
             env=self.env,

@@ -188,16 +188,6 @@ def get_slide(store: JobStore, owner: str, slide_id: str) -> SlideRow:
     return slide
 
 
-def result_path(data_dir: Path, job: JobRow) -> Path:
-    """The published result of a succeeded job; Conflict while there is none."""
-    if job.status != "succeeded" or not job.result_rel_path:
-        raise Conflict(f"job {job.id!r} has no result: it is {job.status}")
-    path = data_dir / job.result_rel_path
-    if not path.is_dir():
-        raise NotFound(f"the result of job {job.id!r} is gone from storage")
-    return path
-
-
 def job_summary(job: JobRow) -> dict[str, Any]:
     """The fields an event stream sends on each change."""
     return {

@@ -47,6 +47,9 @@ UNACKED, UNACKED_INDEX = "unacked", "unacked_index"
 #: kombu names the queue of priority p > 0 ``<queue>\x06\x16<p>``
 PRIORITY_SEP = "\x06\x16"
 LOCK_KEY = "slidepipe:reconciler-lock"
+#: Tasks whose message carries a job id first: the job, and a part of a split job (a
+#: job whose parts wait for a free worker is not lost: workers/jobs/split.py)
+JOB_MESSAGES = (RUN_JOB_TASK, "slidepipe.run_part")
 PAGE = 1000
 MAX_JOBS_PER_PASS = 5000
 
@@ -68,13 +71,13 @@ class Report:
 
 
 def job_id_of(raw: bytes | str) -> str | None:
-    """The job id a kombu message (JSON) of :data:`RUN_JOB_TASK` carries, else None."""
+    """The job id a kombu message (JSON) of :data:`JOB_MESSAGES` carries, else None."""
     try:
         message = json.loads(raw)
         if isinstance(message, list):  # an ``unacked`` entry: [message, exchange, key]
             message = message[0]
         headers = message.get("headers") or {}
-        if headers.get("task") != RUN_JOB_TASK:
+        if headers.get("task") not in JOB_MESSAGES:
             return None
         body = message.get("body", "")
         if (message.get("properties") or {}).get("body_encoding") == "base64":

@@ -10,7 +10,7 @@ import hmac
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
@@ -82,11 +82,31 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1024**2, ge=1024)
     #: How often a worker's reconciler re-queues jobs the broker lost (0: never).
     reconcile_interval_s: float = Field(default=15.0, ge=0)
+    # -- storage (docs/storage.md) -------------------------------------------------------
+    #: Where slides and results live: ``file:///...`` or ``s3://bucket/prefix`` (AWS_*
+    #: environment for credentials and AWS_ENDPOINT_URL); default: the data dir itself.
+    storage_url: str = Field(default="", description="file:///... | s3://bucket/prefix")
+    #: The local read-through cache of store objects (slides for openslide, results the
+    #: API serves); default ``<data_dir>/cache/objects``. Bounded by ``cache_bytes``.
+    object_cache_dir: Path | None = Field(
+        default=None, validation_alias=AliasChoices("SLIDEPIPE_CACHE_DIR", "object_cache_dir")
+    )
+    cache_bytes: int = Field(default=50 * 1024**3, gt=0)
+    #: A worker's private folder for results being made; default ``<data_dir>/scratch``.
+    scratch_dir: Path | None = None
+    #: How a worker reads a TIFF-based slide from a remote store: ``range`` (byte ranges
+    #: through tiffslide) or ``cache`` (download it whole once, through the cache).
+    remote_slide_reads: str = Field(default="range", pattern="^(range|cache)$")
 
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, v: Path) -> Path:
         return v.expanduser().resolve()
+
+    @field_validator("object_cache_dir", "scratch_dir")
+    @classmethod
+    def _absolute_or_none(cls, v: Path | None) -> Path | None:
+        return v.expanduser().resolve() if v is not None else None
 
     # -- derived ------------------------------------------------------------------------
     @property
@@ -98,6 +118,18 @@ class Settings(BaseSettings):
     @property
     def effective_result_backend_url(self) -> str:
         return self.result_backend_url or self.broker_url
+
+    @property
+    def effective_storage_url(self) -> str:
+        return self.storage_url or self.data_dir.as_uri()
+
+    @property
+    def effective_object_cache_dir(self) -> Path:
+        return self.object_cache_dir or self.data_dir / CACHE_DIR / "objects"
+
+    @property
+    def effective_scratch_dir(self) -> Path:
+        return self.scratch_dir or self.data_dir / "scratch"
 
     @property
     def stale_after_s(self) -> float:

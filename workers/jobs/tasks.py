@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 import uuid
+from contextlib import ExitStack
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,14 @@ from celery.signals import worker_process_init
 
 from models.errors import ModelError
 from workers.engine.spec import Progress, RunCancelled, RunSpec
+from workers.jobs import telemetry
 from workers.jobs.actions import progress_percent
 from workers.jobs.celery_app import RUN_JOB_TASK, app
 from workers.jobs.claims import ClaimOutcome
-from workers.jobs.rows import JobRow, JobStatus, SlideRow
-from workers.jobs.settings import Settings, get_settings, result_rel_path
+from workers.jobs.objects import ResultOutput, slide_path
+from workers.jobs.rows import JobRow, JobStatus
+from workers.jobs.settings import Settings, get_settings
+from workers.jobs.split import run_or_split  # also registers the part tasks
 from workers.jobs.store import JobStore
 from wsi.errors import InvalidParameter, SlideError
 
@@ -52,24 +56,31 @@ def _fresh_store_after_fork(**_: Any) -> None:
 
 
 def build_spec(
-    job: JobRow, slide: SlideRow, settings: Settings, reference: SlideRow | None = None
+    job: JobRow,
+    settings: Settings,
+    *,
+    slide: Path,
+    out_path: Path,
+    reference: Path | None = None,
 ) -> RunSpec:
     """The engine's view of a job: stored parameters plus server-side paths and device.
 
-    ``reference`` is the slide ``stain_reference_slide`` names (Macenko's target stain).
+    ``slide`` and ``reference`` (the slide ``stain_reference_slide`` names, Macenko's
+    target stain) are what :func:`workers.jobs.objects.slide_path` hands out: the data
+    dir's files, or on a remote store a slide reference or a cached copy.
     """
     params = {k: v for k, v in (job.params or {}).items() if v is not None}
     if params.pop("stain_reference_slide", None) is not None:
         if reference is None:
             raise InvalidParameter("the stain reference slide of this job is gone")
-        params["stain_reference"] = str(settings.data_dir / reference.rel_path)
+        params["stain_reference"] = str(reference)
     return RunSpec.from_dict(
         {
             **params,
-            "slide_path": str(settings.data_dir / slide.rel_path),
+            "slide_path": str(slide),
             "model": job.model,
             "model_dir": str(settings.model_dir) if settings.model_dir else None,
-            "out_path": str(settings.data_dir / result_rel_path(job.id)),
+            "out_path": str(out_path),
             "device": settings.worker_device,
             "overwrite": False,
         }
@@ -214,26 +225,48 @@ def execute_job(
     if job is None or slide is None:
         return {"job_id": job_id, "outcome": str(ClaimOutcome.missing)}
     log.info("job %s (slide %s, model %s) claimed by %s", job_id, slide.id, job.model, worker)
-    rel = result_rel_path(job_id)
-    out_path = settings.data_dir / rel
+    # local store: the engine publishes in place; remote: it writes into this worker's
+    # scratch folder and the tree is uploaded under a fresh key (workers/jobs/objects.py)
+    output = ResultOutput.for_job(settings, job_id, token)
+    out_path = output.out_path
     with _Run(store, job_id, token, settings) as run:
         try:
-            if out_path.is_dir():
+            published = output.already_published()
+            if published is not None:
                 # a previous attempt published and died before recording it: the
                 # publish is atomic, so what is there is complete
+                rel = published
                 log.info("job %s: reusing the result already published at %s", job_id, rel)
                 info: dict[str, Any] = {"reused": True}
+            elif out_path.is_dir():  # made here by an attempt that died before uploading
+                rel = output.publish()
+                info = {"reused": True}
             else:
-                # the engine pulls in torch: imported on first use, after the claim and
+                # the engine pulls in torch: imported on first use (run_or_split), after the claim and
                 # under its heartbeat, so that seconds of importing never look like a
                 # message nobody took (to the reconciler) or a dead run (to other workers)
-                from workers.engine.run import run_engine
-
                 remove_partials(out_path)
                 ref_id = (job.params or {}).get("stain_reference_slide")
                 reference = store.get_slide_any_owner(ref_id) if ref_id else None
-                spec = build_spec(job, slide, settings, reference)
-                result = run_engine(spec, progress=run.progress, cancel=run.should_stop)
+                with ExitStack() as opened:  # slides pinned in the cache while in use
+                    spec = build_spec(
+                        job,
+                        settings,
+                        slide=opened.enter_context(slide_path(settings, slide, ranges=True)),
+                        out_path=out_path,
+                        reference=opened.enter_context(slide_path(settings, reference))
+                        if reference is not None
+                        else None,
+                    )
+                    # each inferred tile counted once for /metrics (tiles/s)
+                    progress = telemetry.counting_tiles(run.progress, model=job.model)
+                    # a large slide goes to its parts' tasks (workers/jobs/split.py): None
+                    result = run_or_split(spec, job_id=job_id, token=token, progress=progress,
+                                          cancel=run.should_stop,
+                                          shared_store=output.store.is_local)
+                    if result is None:
+                        return {"job_id": job_id, "outcome": "split"}
+                rel = output.publish()
                 info = {
                     "tiles_total": result.tiles_total,
                     "tiles_inferred": result.tiles_inferred,
@@ -267,9 +300,11 @@ def execute_job(
 @app.task(name=RUN_JOB_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
 def run_job(self: Task, job_id: str) -> dict[str, Any]:
     """Celery entry point: parse the message (a job id) and run it."""
-    return execute_job(
+    outcome = execute_job(
         job_id,
         store=get_store(),
         settings=get_settings(),
         worker=f"{self.request.hostname}:{os.getpid()}",
     )
+    telemetry.job_finished(get_store(), job_id, str(outcome.get("outcome")))  # /metrics
+    return outcome
