@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -46,6 +46,10 @@ NGFF_VERSION = "0.4"
 COMPRESSOR = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE,
                              blocksize=1 << 16)
 CHUNK_KEYS: ChunkKeyEncodingParams = {"name": "v2", "separator": "/"}
+#: Told of each chunk file :class:`ChunkFiles` writes: its name below the result's root
+#: (``0/0/3/5``, ``labels/classes/0/3/5``) and its encoded bytes (a remote store's
+#: worker uploads level-0 chunks with it while the run goes on).
+ChunkStored = Callable[[str, bytes], None]
 
 
 def json_attrs(node: zarr.Group | AnyArray) -> dict[str, Any]:
@@ -107,6 +111,9 @@ class ChunkFiles:
         self.folder = Path(root) / array.path
         self.codec = COMPRESSOR
         self._made: set[str] = set()  # chunk folders known to exist
+        self._name = str(array.path).strip("/")
+        #: called after each chunk file is written (None: nobody is told)
+        self.on_stored: ChunkStored | None = None
 
     def _file(self, index: tuple[int, ...]) -> Path:
         return self.folder.joinpath(*(str(i) for i in index))
@@ -126,6 +133,8 @@ class ChunkFiles:
             self._made.add(folder)
         with open(os.path.join(folder, str(index[-1])), "wb") as fh:
             fh.write(encoded)
+        if self.on_stored is not None:
+            self.on_stored("/".join([self._name, *(str(i) for i in index)]), bytes(encoded))
 
     def read(self, index: tuple[int, ...]) -> npt.NDArray[Any]:
         """Chunk ``index`` at full chunk shape (the fill value where none is stored)."""

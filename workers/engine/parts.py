@@ -55,7 +55,7 @@ from workers.engine.staging import (
 from workers.engine.stain_steps import build_stain_step, describe_steps
 from workers.engine.tissue_label import write_tissue_label
 from workers.engine.tissue_report import plan_warnings
-from wsi.ome_zarr import ChunkFiles, LabelSpec, ResultWriter, array_at
+from wsi.ome_zarr import ChunkFiles, ChunkStored, LabelSpec, ResultWriter, array_at
 from wsi.reader import Slide
 from wsi.remote import recorded_sha256
 from wsi.tiling import plan_tiles
@@ -249,11 +249,13 @@ class _OwnedChunks(DenseSink):
 
 class _PartLayout(ResultLayout):
     """A :class:`ResultLayout` over arrays that ``prepare`` created (in another process,
-    maybe): the same sinks and tile grids, without creating anything."""
+    maybe): the same sinks and tile grids, without creating anything. ``chunk_stored``
+    is told of every level-0 chunk file of the dense outputs (image and class map)."""
 
     def __init__(self, state: RunState, card: ModelCard, owned: np.ndarray | None,
                  writer: ResultWriter | None = None,
-                 extra_dense: list[OutputSpec] | None = None) -> None:
+                 extra_dense: list[OutputSpec] | None = None,
+                 chunk_stored: ChunkStored | None = None) -> None:
         plan = state.plan
         self.card, self.plan = card, plan
         if writer is not None:
@@ -266,6 +268,9 @@ class _PartLayout(ResultLayout):
                 image = ChunkFiles(array_at(root, entry["image"]), state.staged)
                 classes = (ChunkFiles(array_at(root, entry["classes"]), state.staged)
                            if entry["classes"] else None)
+                for files in (image, classes):  # on the files: the device sink writes there
+                    if files is not None:
+                        files.on_stored = chunk_stored
                 self.sinks[entry["name"]] = _OwnedChunks(image, entry["max_value"], classes,
                                                          owned)
                 self.dense.append(outputs[entry["name"]])
@@ -277,10 +282,13 @@ class _PartLayout(ResultLayout):
 
 def run_part(staged: Path, index: int, *, predictor: Model | None = None,
              progress: ProgressCallback | None = None,
-             cancel: CancelCheck | None = None) -> PartDone:
+             cancel: CancelCheck | None = None,
+             chunk_stored: ChunkStored | None = None) -> PartDone:
     """Run part ``index`` of a prepared run: its batches through the model, its chunks
     into the staged result. Safe to run again after a failure (it rewrites the same
-    chunk files with the same bytes)."""
+    chunk files with the same bytes). ``chunk_stored`` is called (on the store threads)
+    with each level-0 chunk of the dense outputs as it is written: a worker on a remote
+    store uploads them while the run goes on (``workers.jobs.objects.ResultOutput``)."""
     report = progress or (lambda _p: None)
     state = read_state(staged)
     spec, plan = state.spec, state.plan
@@ -297,7 +305,8 @@ def run_part(staged: Path, index: int, *, predictor: Model | None = None,
     own_lo, own_hi = part.own_tiles(state.batch_size, n_tiles)
     _, last = chunk_touches(plan, spec.chunk_px)
     owned = owned_chunks(last, (own_lo, own_hi))
-    layout = _PartLayout(state, card, owned, extra_dense=predictor.extra_outputs)
+    layout = _PartLayout(state, card, owned, extra_dense=predictor.extra_outputs,
+                         chunk_stored=chunk_stored)
     sub_plan = replace(plan, tiles=plan.tiles[run_lo:run_hi])
     start = time.perf_counter()
     stages = infer(spec, sub_plan, predictor, layout, state.batch_size, report,

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import logging
 
-from workers.engine.parts import THUMBNAIL_PX, TISSUE_RGBA, finish, prepare, run_part
+from workers.engine.parts import THUMBNAIL_PX, TISSUE_RGBA, Prepared, finish, prepare, run_part
 from workers.engine.spec import CancelCheck, ProgressCallback, RunResult, RunSpec
 from workers.engine.staging import discard
 from workers.engine.tissue_label import write_tissue_label
+from wsi.ome_zarr import ChunkStored
 
 log = logging.getLogger(__name__)
 
-__all__ = ["THUMBNAIL_PX", "TISSUE_RGBA", "run_engine", "write_tissue_label"]
+__all__ = ["THUMBNAIL_PX", "TISSUE_RGBA", "run_engine", "run_prepared", "write_tissue_label"]
 
 
 def run_engine(
@@ -28,15 +29,29 @@ def run_engine(
     *,
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
+    chunk_stored: ChunkStored | None = None,
 ) -> RunResult:
     """Run ``spec`` to completion and publish the result at ``spec.out_path``.
 
     ``spec``'s values were checked against :mod:`workers.engine.params` when it was built;
-    the model card's tile geometry is checked here, before any work."""
+    the model card's tile geometry is checked here, before any work. ``chunk_stored``:
+    told of each level-0 chunk of the dense outputs as it is written (:func:`run_part`)."""
     prepared = prepare(spec, parts=1, progress=progress, keep_model=True)
+    return run_prepared(prepared, progress=progress, cancel=cancel, chunk_stored=chunk_stored)
+
+
+def run_prepared(
+    prepared: Prepared,
+    *,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+    chunk_stored: ChunkStored | None = None,
+) -> RunResult:
+    """Run a prepared run of one part here, with the model ``prepare`` kept, and publish
+    it; a failure leaves nothing staged behind."""
     try:
         run_part(prepared.staged, 0, predictor=prepared.predictor, progress=progress,
-                 cancel=cancel)
+                 cancel=cancel, chunk_stored=chunk_stored)
         return finish(prepared.staged, progress=progress)
     except BaseException:
         discard(prepared.staged)

@@ -6,8 +6,9 @@ With a ``file://`` store (the default) every function here hands out the data di
 paths, exactly as before the store existed. With ``s3://`` a worker reads a TIFF slide
 by byte ranges (a slide reference in its scratch folder) or any other slide through the
 read-through cache, makes the result in its scratch folder and publishes it under a
-fresh key (:mod:`workers.storage.publish`); the API reads slides and results through its
-own cache.
+fresh key (:mod:`workers.storage.publish`), its level-0 chunks uploaded while the run
+makes them (:mod:`workers.storage.streaming`); the API reads slides and results through
+its own cache.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from workers.jobs.actions import Conflict, NotFound
@@ -25,7 +26,14 @@ from workers.jobs.rows import JobRow, SlideRow
 from workers.jobs.settings import RESULTS_DIR, SLIDES_DIR, Settings, result_rel_path
 from workers.storage.cache import ReadThroughCache
 from workers.storage.objects import Store
-from workers.storage.publish import find_published, publish_tree, remove_unpublished
+from workers.storage.publish import (
+    Published,
+    find_published,
+    publish_tree,
+    remove_unpublished,
+)
+from workers.storage.streaming import ChunkUploader
+from wsi.ome_zarr import ChunkStored
 from wsi.remote import write_slide_ref
 
 log = logging.getLogger(__name__)
@@ -135,6 +143,9 @@ class ResultOutput:
     store: Store
     job_id: str
     token: str
+    _chunks: ChunkUploader | None = field(default=None, init=False, repr=False)
+    #: what the last :meth:`publish` did on a remote store (files, bytes, uploaded now)
+    published: Published | None = field(default=None, init=False)
 
     @classmethod
     def for_job(cls, settings: Settings, job_id: str, token: str) -> ResultOutput:
@@ -159,11 +170,43 @@ class ResultOutput:
             remove_unpublished(self.store, f"{RESULTS_DIR}/{self.job_id}")
         return found
 
+    @property
+    def attempt_key(self) -> str:
+        """The fresh key a remote store's attempt is published under."""
+        return f"{RESULTS_DIR}/{self.job_id}/{self.token[:16]}.zarr"
+
+    def chunk_stored(self) -> ChunkStored | None:
+        """For the engine (``run_engine(chunk_stored=...)``): on a remote store, a callback
+        that uploads each level-0 chunk under :attr:`attempt_key` while the run goes on,
+        so that :meth:`publish` has only the rest left. None on a local store, where the
+        result is renamed into place and nothing is copied."""
+        if self.store.is_local:
+            return None
+        if self._chunks is None:
+            self._chunks = ChunkUploader(self.store, self.attempt_key)
+        return self._chunks
+
+    def abandon(self) -> None:
+        """The attempt ends without publishing: stop the chunk uploads and remove the
+        chunks already up (no-op after :meth:`publish`, or when nothing was streamed)."""
+        chunks, self._chunks = self._chunks, None
+        if chunks is not None:
+            chunks.abandon()
+
     def publish(self) -> str:
-        """Make the engine's finished output the job's result; its key for the row."""
+        """Make the engine's finished output the job's result; its key for the row.
+        Chunk upload errors of the run are raised here (StorageError): no marker then."""
         if self.store.is_local:
             return result_rel_path(self.job_id)
-        key = f"{RESULTS_DIR}/{self.job_id}/{self.token[:16]}.zarr"
-        publish_tree(self.store, self.out_path, key)
+        key = self.attempt_key
+        already_up: dict[str, int] = {}
+        if self._chunks is not None:
+            try:
+                already_up = self._chunks.finish()
+            except BaseException:
+                self.abandon()
+                raise
+            self._chunks = None
+        self.published = publish_tree(self.store, self.out_path, key, already_up=already_up)
         shutil.rmtree(self.out_path, ignore_errors=True)
         return key

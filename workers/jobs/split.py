@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from workers.engine.spec import RunResult
     from workers.jobs.split_staging import RemoteStaging
     from workers.jobs.store import JobStore
+    from wsi.ome_zarr import ChunkStored
 
 log = logging.getLogger(__name__)
 
@@ -95,28 +96,25 @@ def _fresh_after_fork(**_: Any) -> None:
 
 
 def run_or_split(spec: RunSpec, *, job_id: str, token: str, progress: ProgressCallback,
-                 cancel: CancelCheck, shared_store: bool) -> RunResult | None:
+                 cancel: CancelCheck, shared_store: bool,
+                 chunk_stored: ChunkStored | None = None) -> RunResult | None:
     """Run ``spec`` here, or prepare it and hand its parts to the workers (None).
 
     ``shared_store``: every worker sees the staged folder (``file://``); otherwise the
-    prepared files go to a staging key in the store (:mod:`workers.jobs.split_staging`)."""
-    from workers.engine.parts import finish, prepare, run_part
-    from workers.engine.run import run_engine
+    prepared files go to a staging key in the store (:mod:`workers.jobs.split_staging`).
+    ``chunk_stored``: told of each level-0 chunk of a run made here (uploads it during
+    the run, :meth:`workers.jobs.objects.ResultOutput.chunk_stored`); split parts don't."""
+    from workers.engine.parts import prepare
+    from workers.engine.run import run_engine, run_prepared
     from workers.engine.staging import discard
 
     wanted = split_settings()
     if wanted.split_min_tiles <= 0 or wanted.split_parts < 2:
-        return run_engine(spec, progress=progress, cancel=cancel)
+        return run_engine(spec, progress=progress, cancel=cancel, chunk_stored=chunk_stored)
     prepared = prepare(spec, parts=wanted.split_parts, min_tiles=wanted.split_min_tiles,
                        progress=progress, keep_model=True)
     if len(prepared.parts) == 1:
-        try:
-            run_part(prepared.staged, 0, predictor=prepared.predictor, progress=progress,
-                     cancel=cancel)
-            return finish(prepared.staged, progress=progress)
-        except BaseException:
-            discard(prepared.staged)
-            raise
+        return run_prepared(prepared, progress=progress, cancel=cancel, chunk_stored=chunk_stored)
     total = sum(prepared.tiles_run(i) for i in range(len(prepared.parts)))
     staged = str(prepared.staged)
     remote = None if shared_store else _remote_staging(job_id, token)

@@ -263,7 +263,8 @@ def execute_job(
                     # a large slide goes to its parts' tasks (workers/jobs/split.py): None
                     result = run_or_split(spec, job_id=job_id, token=token, progress=progress,
                                           cancel=run.should_stop,
-                                          shared_store=output.store.is_local)
+                                          shared_store=output.store.is_local,
+                                          chunk_stored=output.chunk_stored())
                     if result is None:
                         return {"job_id": job_id, "outcome": "split"}
                 rel = output.publish()
@@ -291,6 +292,8 @@ def execute_job(
             log.exception("job %s failed unexpectedly", job_id)
             store.finish(job_id, token, JobStatus.failed, error=message)
             return {"job_id": job_id, "outcome": "failed", "error": message}
+        finally:  # chunks a failed run uploaded (nothing once published)
+            output.abandon()
     if not store.finish(job_id, token, JobStatus.succeeded, result_rel_path=rel, result_info=info):
         log.warning("job %s succeeded but its claim had moved on; result kept at %s", job_id, rel)
     log.info("job %s succeeded", job_id)

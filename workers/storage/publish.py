@@ -8,6 +8,7 @@ every object is up. Nothing reads an attempt without its marker, and the job row
 the prefix only after the marker exists, so a reader sees a whole result or none; an
 attempt that died half-way leaves objects without a marker, which the next attempt of
 the job removes (:func:`remove_unpublished`), with the staging of an interrupted split.
+Chunks uploaded during the run (:mod:`workers.storage.streaming`) are not uploaded again.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class Published:
     files: int
     bytes: int
     seconds: float
+    #: what this call uploaded: the tree less the chunks that were up already
+    uploaded_files: int = 0
+    uploaded_bytes: int = 0
 
 
 def marker_key(result_key: str) -> str:
@@ -44,21 +48,31 @@ def marker_key(result_key: str) -> str:
 
 
 def publish_tree(store: Store, local_dir: Path, result_key: str,
-                 threads: int = UPLOAD_THREADS) -> Published:
-    """Upload every file under ``local_dir`` to ``result_key``/..., then the marker."""
+                 threads: int = UPLOAD_THREADS,
+                 already_up: dict[str, int] | None = None) -> Published:
+    """Upload every file under ``local_dir`` to ``result_key``/..., then the marker.
+
+    ``already_up``: files (relative name -> size) uploaded under ``result_key`` during
+    the run; one whose local size still matches is not uploaded again."""
     started = time.monotonic()
+    up = already_up or {}
     files = sorted(p for p in local_dir.rglob("*") if p.is_file() and not p.is_symlink())
+    sizes = {p: p.stat().st_size for p in files}
+    todo = [p for p in files if up.get(p.relative_to(local_dir).as_posix()) != sizes[p]]
 
     def put(path: Path) -> int:
         return store.put_file(path, f"{result_key}/{path.relative_to(local_dir).as_posix()}")
 
     with ThreadPoolExecutor(max(1, threads), thread_name_prefix="publish") as pool:
-        total = sum(pool.map(put, files))  # re-raises the first failed upload
+        uploaded = sum(pool.map(put, todo))  # re-raises the first failed upload
+    total = sum(sizes.values())
     store.put_bytes(marker_key(result_key),
                     json.dumps({"files": len(files), "bytes": total}).encode())
-    done = Published(result_key, len(files), total, round(time.monotonic() - started, 3))
-    log.info("published %s: %d files, %d bytes in %.2f s", result_key, done.files,
-             done.bytes, done.seconds)
+    done = Published(result_key, len(files), total, round(time.monotonic() - started, 3),
+                     uploaded_files=len(todo), uploaded_bytes=uploaded)
+    log.info("published %s: %d files, %d bytes in %.2f s (%d files, %d bytes uploaded now, "
+             "the rest during the run)", result_key, done.files, done.bytes, done.seconds,
+             done.uploaded_files, done.uploaded_bytes)
     return done
 
 

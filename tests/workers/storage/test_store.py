@@ -9,7 +9,6 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -198,15 +197,6 @@ def _slide_row(path: Path, rel_path: str) -> SlideRow:
             level_downsamples=list(s.level_downsamples), mpp=s.mpp, vendor=s.vendor,
             backend=s.backend,
         )
-
-
-@pytest.fixture
-def job_db(tmp_path: Path) -> Iterator[JobStore]:
-    db = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
-    try:
-        yield db
-    finally:
-        db.dispose()
 
 
 def _run_job(db: JobStore, settings: Settings, slide: SlideRow) -> str:
