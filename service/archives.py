@@ -41,7 +41,7 @@ from service.upload_errors import (
     UploadRejected,
     raise_if_full,
 )
-from service.uploads import inspect_slide, slide_limits
+from service.uploads import inspect_slide, register_slide, slide_limits, slide_row
 from workers.jobs.objects import get_object_store
 from workers.jobs.rows import SlideRow, new_id
 from workers.jobs.settings import Settings, slide_rel_path
@@ -265,20 +265,8 @@ def store_if_archive(temp_path: Path, sha256: str, size: int, label: str, owner:
             os.replace(unpacker.root, objects.local_path(folder_key))
         else:
             publish_folder(objects, unpacker.root, folder_key)
-    row = SlideRow(
-        id=slide_id, owner=owner, sha256=sha256, filename=label, size_bytes=size,
-        rel_path=rel_path, width=info.width, height=info.height,
-        level_count=info.level_count, level_dimensions=info.level_dimensions,
-        level_downsamples=info.level_downsamples, mpp=info.mpp, vendor=info.vendor,
-        backend=info.backend,
-    )
-    try:
-        stored, created = store.add_slide(row)
-    except BaseException:
-        objects.delete(folder_key)
-        raise
-    if not created:  # the same content won a race with us
-        objects.delete(folder_key)
+    row = slide_row(slide_id, owner, sha256, label, size, rel_path, info)
+    stored, created = register_slide(store, objects, row, key=folder_key)
     log.info("slide %s stored for %s from %s archive %s (%d members, %d bytes unpacked)",
              stored.id, owner, kind, label, unpacker.members, unpacker.written)
     return stored, created

@@ -34,6 +34,7 @@ from workers.jobs.objects import get_object_store
 from workers.jobs.rows import SlideRow, new_id
 from workers.jobs.settings import Settings, slide_rel_path
 from workers.jobs.store import JobStore
+from workers.storage.objects import Store
 from wsi.errors import SlideError
 from wsi.limits import (
     SlideLimits,
@@ -179,28 +180,36 @@ def _validate_and_store(
     rel_path = slide_rel_path(slide_id, suffix)
     objects = get_object_store(settings)
     objects.put_file(temp.path, rel_path, move=True)
-    row = SlideRow(
-        id=slide_id,
-        owner=owner,
-        sha256=sha256,
-        filename=label,
-        size_bytes=temp.size,
-        rel_path=rel_path,
-        width=info.width,
-        height=info.height,
-        level_count=info.level_count,
-        level_dimensions=info.level_dimensions,
-        level_downsamples=info.level_downsamples,
-        mpp=info.mpp,
-        vendor=info.vendor,
+    stored, created = register_slide(
+        store, objects, slide_row(slide_id, owner, sha256, label, temp.size, rel_path, info),
+        key=rel_path,
+    )
+    log.info("slide %s stored for %s (%s, %d bytes)", stored.id, owner, label, temp.size)
+    return stored, created
+
+
+def slide_row(slide_id: str, owner: str, sha256: str, label: str, size_bytes: int,
+              rel_path: str, info: SlideInfo) -> SlideRow:
+    """The database row of a slide now in the store, from what its reader said."""
+    return SlideRow(
+        id=slide_id, owner=owner, sha256=sha256, filename=label, size_bytes=size_bytes,
+        rel_path=rel_path, width=info.width, height=info.height,
+        level_count=info.level_count, level_dimensions=info.level_dimensions,
+        level_downsamples=info.level_downsamples, mpp=info.mpp, vendor=info.vendor,
         backend=info.backend,
     )
+
+
+def register_slide(store: JobStore, objects: Store, row: SlideRow, *,
+                   key: str) -> tuple[SlideRow, bool]:
+    """Add ``row``; its objects under ``key`` are deleted when that fails or when the
+    same content of the same owner was already there (a race we lost): nothing is
+    left in the store that no row names."""
     try:
         stored, created = store.add_slide(row)
     except BaseException:
-        objects.delete(rel_path)
+        objects.delete(key)
         raise
-    if not created:  # the same content won a race with us
-        objects.delete(rel_path)
-    log.info("slide %s stored for %s (%s, %d bytes)", stored.id, owner, label, temp.size)
+    if not created:
+        objects.delete(key)
     return stored, created

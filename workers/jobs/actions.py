@@ -16,7 +16,7 @@ from models.card import ModelCard
 from models.catalogue import resolve_card
 from models.errors import UnknownModel
 from workers.engine.geometry import run_geometry
-from workers.engine.spec import Progress
+from workers.engine.spec import Progress, RunResult
 from workers.engine.stain_choice import MACENKO, check_stain, stain_kind
 from workers.jobs.bounds import DEFAULT_MAX_TILES, check_work
 from workers.jobs.params import JobParams
@@ -186,6 +186,19 @@ def get_slide(store: JobStore, owner: str, slide_id: str) -> SlideRow:
     if slide is None:
         raise NotFound(f"slide {slide_id!r} not found")
     return slide
+
+
+def run_info(result: RunResult, **extra: Any) -> dict[str, Any]:
+    """What a succeeded job keeps of its run (``result_info``), a split run's parts in
+    ``extra``; the warnings say, e.g., that no tissue was found (never silent)."""
+    return {
+        "tiles_total": result.tiles_total,
+        "tiles_inferred": result.tiles_inferred,
+        "timings_s": result.timings_s,
+        "classes": result.classes,
+        "warnings": result.warnings,
+        **extra,
+    }
 
 
 def job_summary(job: JobRow) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from models.errors import ModelError
 from workers.engine.spec import CancelCheck, Progress, ProgressCallback, RunCancelled, RunSpec
 from workers.jobs import telemetry
-from workers.jobs.actions import progress_percent
+from workers.jobs.actions import progress_percent, run_info
 from workers.jobs.celery_app import app
 from workers.jobs.rows import JobStatus
 from workers.jobs.settings import get_settings
@@ -342,14 +342,10 @@ def finish_split_task(self: Task, outcomes: list[dict[str, Any]], job_id: str, t
             _drop_staging(settings, staging_key)
             return _finish_job(store, job_id, token, JobStatus.failed,
                                f"internal error: {type(err).__name__}: {err}")
-    info = {
-        "tiles_total": result.tiles_total,
-        "tiles_inferred": result.tiles_inferred,
-        "timings_s": result.timings_s,
-        "classes": result.classes,
-        "warnings": result.warnings,
-        "parts": [{k: o[k] for k in ("tiles_run", "infer_s", "worker")} for o in outcomes],
-    }
+    info = run_info(
+        result,
+        parts=[{k: o[k] for k in ("tiles_run", "infer_s", "worker")} for o in outcomes],
+    )
     if not store.finish(job_id, token, JobStatus.succeeded, result_rel_path=rel,
                         result_info=info):
         log.warning("job %s succeeded but its claim had moved on; result kept at %s", job_id, rel)

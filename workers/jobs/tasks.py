@@ -31,7 +31,7 @@ from celery.signals import worker_process_init
 from models.errors import ModelError
 from workers.engine.spec import Progress, RunCancelled, RunSpec
 from workers.jobs import telemetry
-from workers.jobs.actions import progress_percent
+from workers.jobs.actions import progress_percent, run_info
 from workers.jobs.celery_app import RUN_JOB_TASK, app
 from workers.jobs.claims import ClaimOutcome
 from workers.jobs.objects import ResultOutput, slide_path
@@ -268,14 +268,7 @@ def execute_job(
                     if result is None:
                         return {"job_id": job_id, "outcome": "split"}
                 rel = output.publish()
-                info = {
-                    "tiles_total": result.tiles_total,
-                    "tiles_inferred": result.tiles_inferred,
-                    "timings_s": result.timings_s,
-                    "classes": result.classes,
-                    # e.g. that no tissue was found and nothing analysed (never silent)
-                    "warnings": result.warnings,
-                }
+                info = run_info(result)
         except RunCancelled:
             if run.lost.is_set():
                 log.warning("job %s: claim taken over by another worker; stopping", job_id)
