@@ -53,6 +53,7 @@ from workers.engine.staging import (
     save_plan,
 )
 from workers.engine.stain_steps import build_stain_step, describe_steps
+from workers.engine.streamed_pyramid import StreamedPyramids
 from workers.engine.tissue_label import write_tissue_label
 from workers.engine.tissue_report import plan_warnings
 from wsi.ome_zarr import ChunkFiles, ChunkStored, LabelSpec, ResultWriter, array_at
@@ -96,6 +97,8 @@ class PartDone:
     infer_s: float
     #: where the part's inference time went (:class:`workers.engine.infer.InferStages`)
     stages: dict[str, Any] = field(default_factory=dict)
+    #: groups whose coarser levels the part made as it stored level 0 (one-part runs)
+    pyramids_made: list[str] = field(default_factory=list)
 
 
 class _Timer:
@@ -307,6 +310,13 @@ def run_part(staged: Path, index: int, *, predictor: Model | None = None,
     owned = owned_chunks(last, (own_lo, own_hi))
     layout = _PartLayout(state, card, owned, extra_dense=predictor.extra_outputs,
                          chunk_stored=chunk_stored)
+    pyramids = None
+    if len(state.parts) == 1:  # this process writes every chunk: its pyramids as it goes
+        pyramids = StreamedPyramids(staged, owned, spec.chunk_px)
+        for sink in layout.sinks.values():
+            pyramids.attach(sink.image, mean=True)
+            if sink.classes is not None:
+                pyramids.attach(sink.classes, mean=False)
     sub_plan = replace(plan, tiles=plan.tiles[run_lo:run_hi])
     start = time.perf_counter()
     stages = infer(spec, sub_plan, predictor, layout, state.batch_size, report,
@@ -320,7 +330,8 @@ def run_part(staged: Path, index: int, *, predictor: Model | None = None,
         save_arrays(folder / f"part-{index}.npz",
                      {name: np.where(keep, grid, np.nan) for name, grid in layout.tile_grids.items()})
     done = PartDone(index=index, tiles_run=run_hi - run_lo, infer_s=infer_s,
-                    stages=stages.as_dict())
+                    stages=stages.as_dict(),
+                    pyramids_made=pyramids.completed() if pyramids is not None else [])
     (folder / f"part-{index}.json").write_text(json.dumps(vars(done)))
     trim_heap()
     log.info("part %d of %s: %d tiles (%d owned) in %.1fs", index, spec.out_path,
@@ -363,9 +374,11 @@ def finish(staged: Path, *, progress: ProgressCallback | None = None) -> RunResu
                         mine = data[name]
                         np.copyto(grid, mine, where=~np.isnan(mine))
         layout.write_tile_grids()
-        write_tissue_label(ChunkFiles(array_at(writer.root, "labels/tissue/0"), staged),
-                           mask, plan)
-        writer.build_pyramids(workers=spec.read_workers)
+        made = dones[0].get("pyramids_made", []) if len(dones) == 1 else []
+        if write_tissue_label(ChunkFiles(array_at(writer.root, "labels/tissue/0"), staged),
+                              mask, plan, pyramid_from=staged):
+            made = [*made, "labels/tissue"]
+        writer.build_pyramids(workers=spec.read_workers, skip=made)
         with Slide(spec.slide_path, backend=spec.backend, slide_mpp=spec.slide_mpp) as slide:
             thumb = slide.thumbnail(THUMBNAIL_PX)
             slide_w = slide.dimensions[0]
@@ -396,6 +409,8 @@ def finish(staged: Path, *, progress: ProgressCallback | None = None) -> RunResu
         "timings_s": timings,
         # per part: read wait, model, blend, store (wall and CPU seconds); see docs/engine.md
         "infer_stages": [d.get("stages", {}) for d in dones],
+        # groups whose coarser levels were made as level 0 was stored (wsi/pyramid_stream.py)
+        "pyramids_streamed": made,
     }
     if len(state.parts) > 1:
         provenance["split"] = {"parts": [{**p.to_dict(), **d} for p, d in zip(state.parts, dones)]}

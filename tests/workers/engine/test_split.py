@@ -84,9 +84,13 @@ def test_identity_split_in_2_and_3_parts_equals_one_run(
         tiles = split_run(_spec(slide, out, model="identity", target_mpp=1.0), n,
                           fail_part=1 if n == 3 else None)
         assert_same_result(tmp_path / "whole.zarr", out)
-        whole_tiles = json.loads((tmp_path / "whole.zarr/.zattrs").read_text())[
-            "slidepipe"]["tiles"]["total"]
-        assert max(tiles) < whole_tiles, "each part runs fewer tiles than the whole slide"
+        whole = json.loads((tmp_path / "whole.zarr/.zattrs").read_text())["slidepipe"]
+        assert max(tiles) < whole["tiles"]["total"], "each part runs fewer tiles than the whole"
+        # the one-part run made its pyramids while storing level 0, the split built them
+        # from level 0 afterwards: the same bytes either way
+        assert whole["pyramids_streamed"] == ["", "labels/classes", "labels/tissue"]
+        split = json.loads((out / ".zattrs").read_text())["slidepipe"]
+        assert split["pyramids_streamed"] == ["labels/tissue"]  # written whole by finish
 
 
 @pytest.fixture(scope="module")
