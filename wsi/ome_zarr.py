@@ -10,8 +10,9 @@ Layout of one result::
       thumbnail/0                the slide's RGB thumbnail (c, y, x), for heatmaps
       .zattrs                    multiscales + omero + "slidepipe" provenance
 
-Level 0 is written chunk by chunk by the caller; :meth:`ResultWriter.build_pyramids`
-then derives the coarser levels chunk by chunk, so no level is ever held whole.
+Level 0 is written chunk by chunk by the caller; the coarser levels are made chunk by
+chunk as it is written (:mod:`wsi.pyramid_stream`) or afterwards by
+:meth:`ResultWriter.build_pyramids`, to the same bytes, so no level is ever held whole.
 """
 
 from __future__ import annotations

@@ -32,15 +32,14 @@ def write_tissue_label(tissue: ChunkFiles, mask: TissueMask, plan: TilePlan,
     which cost ~1 s of a 16k slide's pyramid stage. With ``pyramid_from`` (the staged
     result's root) the label's coarser levels are made as its chunks are written
     (:mod:`wsi.pyramid_stream`); returns whether they were."""
-    chunks = list(_tissue_chunks(tissue, mask, plan))
     pyramids = None
-    if pyramid_from is not None:
+    if pyramid_from is not None:  # a first, cheap pass: which chunks will be written
         expected = np.zeros(tissue.n_chunks(), dtype=bool)
-        for cy, cx, _ in chunks:
+        for cy, cx, _ in _tissue_chunks(tissue, mask, plan):
             expected[cy, cx] = True
         pyramids = StreamedPyramids(pyramid_from, expected, tissue.chunks[-1])
         pyramids.attach(tissue, mean=False)
-    for cy, cx, block in chunks:
+    for cy, cx, block in _tissue_chunks(tissue, mask, plan):
         tissue.write((cy, cx), block())
     return pyramids is not None and bool(pyramids.completed())
 
